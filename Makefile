@@ -1,0 +1,36 @@
+# The two set-up commands of the README. Each works on a fresh machine with Python 3.11:
+#   make demo   install into .venv, then run the whole workflow on the synthetic cohort (2 cores)
+#   make test   install into .venv (and a single-node SLURM from Debian's packages), then run the tests
+# torch is pinned to 2.13.0 (a CPU wheel here; on a GPU node conda's env/train.yaml brings CUDA).
+
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hnct-installed
+
+.PHONY: install demo report test test-fast slurm clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[workflow,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES)
+	$(VENV)/bin/snakemake --report report.html
+
+slurm:
+	bash tests/slurm/install.sh
+
+test: $(STAMP) slurm
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slurm and not slow"
+
+clean:
+	rm -rf results logs .snakemake report.html report.zip

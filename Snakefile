@@ -1,0 +1,31 @@
+# hnct: head-and-neck CT from TCIA to reproducible deep-learning benchmarks.
+# Default: the synthetic demo cohort (config/config.yaml), `snakemake --cores 2`.
+# The cluster: `snakemake --profile profiles/slurm --configfile config/laryngealct.yaml`.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/crop.smk"
+include: "workflow/rules/slices.smk"
+include: "workflow/rules/folds.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

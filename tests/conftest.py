@@ -1,0 +1,60 @@
+"""Shared fixtures: where the real test data lies, and how to run the workflow in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.fail(f"shared test data not found at {SHARED} (CI places it beside the clone)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def testdata_dir(shared_dir: Path) -> Path:
+    return shared_dir / "testdata" / "real"
+
+
+@pytest.fixture(scope="session")
+def laryngealct_dir(shared_dir: Path) -> Path:
+    return shared_dir / "laryngealct"
+
+
+def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None) -> list[str]:
+    """The snakemake command line that runs this repo's workflow in ``workdir``."""
+    return [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(configfile or REPO / "config" / "config.yaml"),
+        *args,
+    ]
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True,
+                  timeout: float = 1500) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"))
+    proc = subprocess.run(
+        snakemake_cmd(workdir, *args, configfile=configfile),
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc

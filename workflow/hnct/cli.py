@@ -1,0 +1,34 @@
+"""``hnct <stage> ...``: every stage's command line under one name (same as ``python -m hnct.<stage>``)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "demo": "generate the synthetic demo cohort (DICOM CT + RTSTRUCT)",
+    "fetch": "download a case's series from TCIA, or index a local DICOM folder",
+    "convert": "DICOM series -> NRRD volume + label map",
+    "crop": "1 mm isotropic laryngeal crop",
+    "slices": "windowed axial slices (.npz, .jpg) and their index",
+    "folds": "patient-level stratified folds",
+    "train": "train one task x model x fold",
+    "evaluate": "metrics of one fold",
+    "report": "tables and figures",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in STAGES:
+        width = max(map(len, STAGES))
+        print("usage: hnct <stage> [args...]\n\nstages:")
+        for name, what in STAGES.items():
+            print(f"  {name:<{width}}  {what}")
+        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    module = importlib.import_module(f"hnct.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Shared plumbing for every stage: per-case sidecars, exclusions, atomic writes, logging.
+
+Per-case stages (convert, crop, slices) always write a JSON sidecar. Its ``status`` is
+``"ok"`` when the stage produced its data files, or ``"excluded"`` with the ``stage``,
+``file`` and ``reason`` when the case could not be used. A case excluded upstream is
+passed on as excluded (``reason`` names the upstream stage), so the sidecar is the one
+declared Snakemake output of a per-case stage and nothing downstream ever reads a
+half-written or missing volume. ``hnct.exclusions`` gathers them into ``exclusions.tsv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("hnct")
+
+SIDECAR_VERSION = 1
+
+# Packages whose versions are recorded in every sidecar and checkpoint.
+TRACKED_PACKAGES = (
+    "numpy", "pydicom", "SimpleITK", "pynrrd", "scikit-image", "scikit-learn",
+    "pandas", "torch", "monai",
+)
+
+
+class InputError(Exception):
+    """A case cannot be used: bad or missing input that a person must look at.
+
+    Always names the case, the file (or folder) and the reason; the stage catches it,
+    writes an exclusion sidecar and the workflow goes on with the other cases.
+    """
+
+    def __init__(self, case: str, file: str | os.PathLike | None, reason: str):
+        self.case = case
+        self.file = "" if file is None else str(file)
+        self.reason = reason
+        where = f" ({self.file})" if self.file else ""
+        super().__init__(f"case {case}: {reason}{where}")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "hnct": _hnct_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _hnct_version() -> str:
+    from hnct import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A crash or an exception leaves no half-written file under the final name.
+    ``suffix`` keeps the extension that writers such as SimpleITK or pynrrd look at.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write JSON atomically (sorted keys, 2-space indent, trailing newline)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover - numpy is a hard dependency
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def ok_sidecar(case: str, stage: str, **fields: Any) -> dict[str, Any]:
+    """The sidecar of a case that a stage processed; ``fields`` carry the provenance."""
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "case": case,
+        "stage": stage,
+        "status": "ok",
+        "created": now_utc(),
+        "software": software_versions(),
+        **fields,
+    }
+
+
+def excluded_sidecar(case: str, stage: str, file: str, reason: str, **fields: Any) -> dict[str, Any]:
+    """The sidecar of a case a stage could not use: stage, file and reason for the report."""
+    return {
+        "sidecar_version": SIDECAR_VERSION,
+        "case": case,
+        "stage": stage,
+        "status": "excluded",
+        "file": str(file),
+        "reason": reason,
+        "created": now_utc(),
+        "software": software_versions(),
+        **fields,
+    }
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    sidecar = read_json(path)
+    if sidecar.get("status") not in {"ok", "excluded"}:
+        raise ValueError(f"{path}: not an hnct sidecar (status={sidecar.get('status')!r})")
+    return sidecar
+
+
+def is_ok(sidecar: dict[str, Any]) -> bool:
+    return sidecar.get("status") == "ok"
+
+
+def upstream_exclusion(case: str, stage: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    """Carry an upstream exclusion forward, keeping the original stage, file and reason."""
+    return excluded_sidecar(
+        case,
+        stage,
+        upstream.get("file", ""),
+        upstream.get("reason", "excluded upstream"),
+        excluded_at=upstream.get("excluded_at", upstream.get("stage")),
+    )
+
+
+def run_case_stage(
+    case: str,
+    stage: str,
+    sidecar_path: str | os.PathLike,
+    work: Callable[[], dict[str, Any]],
+    upstream: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run one stage for one case and always leave a sidecar behind.
+
+    ``work()`` does the stage and returns the provenance fields of the ok sidecar; it
+    raises :class:`InputError` for bad input. An excluded ``upstream`` sidecar is passed
+    on without calling ``work``. Any other exception is a bug: it propagates, and
+    Snakemake removes the outputs of the failed job.
+    """
+    if upstream is not None:
+        up = read_sidecar(upstream)
+        if not is_ok(up):
+            sidecar = upstream_exclusion(case, stage, up)
+            log.warning("case %s: excluded upstream at %s: %s", case, sidecar["excluded_at"], sidecar["reason"])
+            write_json(sidecar_path, sidecar)
+            return sidecar
+    try:
+        fields = work()
+    except InputError as err:
+        if err.case != case:
+            raise
+        log.error("EXCLUDED %s", err)
+        sidecar = excluded_sidecar(case, stage, err.file, err.reason, excluded_at=stage)
+        write_json(sidecar_path, sidecar)
+        return sidecar
+    sidecar = ok_sidecar(case, stage, **fields)
+    write_json(sidecar_path, sidecar)
+    return sidecar
+
+
+def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, when given, to ``log_file`` (Snakemake's ``log:``)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def progress(iterable, total: int | None = None, every: int = 50, what: str = "items"):
+    """Yield from ``iterable`` logging ``done/total`` every ``every`` items (long loops show progress)."""
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i % every == 0 or (total is not None and i == total):
+            log.info("%s: %d/%s", what, i, total if total is not None else "?")

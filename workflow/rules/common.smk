@@ -1,0 +1,110 @@
+# Everything that is not a rule: config validation, the cohort table read once,
+# input functions, code versions, one wildcard_constraints block.
+
+import glob
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# The hnct package lives beside the rules; shell jobs (local or inside a SLURM job, which
+# parses this file again) import it from here, so no install is needed on the cluster.
+HNCT_DIR = Path(workflow.basedir) / "workflow"
+sys.path.insert(0, str(HNCT_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in [str(HNCT_DIR), os.environ.get("PYTHONPATH", "")] if p
+)
+
+import hnct.cohort  # noqa: E402
+
+
+validate(config, schema="../../config/schema.yaml", set_default=True)
+
+SOURCE = config["cohort"]["source"]
+if SOURCE == "demo":
+    import hnct.demo  # noqa: E402
+
+    DICOM_ROOT = "results/demo/dicom"
+    COHORT = hnct.demo.plan_cohort(**config["demo"])
+else:
+    DICOM_ROOT = config["cohort"]["dicom_root"]
+    if not config["cohort"]["table"]:
+        raise ValueError(
+            f"cohort.source is {SOURCE!r}: set cohort.table to a cohort TSV (see config/README.md)"
+        )
+    COHORT = hnct.cohort.read_cohort(config["cohort"]["table"])
+
+CASES = list(COHORT["case"])
+TASKS = list(config["tasks"])
+N_FOLDS = int(config["folds"]["n_folds"])
+FOLDS = list(range(N_FOLDS))
+
+
+wildcard_constraints:
+    case="|".join(CASES) if CASES else "NO_CASES",
+    fold=r"\d+",
+    task="classify|segment",
+    model="[a-z0-9]+",
+
+
+def code_version(*modules):
+    """A hash of the hnct modules a rule runs: in ``params`` it makes a code change rerun the rule.
+
+    Snakemake tracks params, inputs and script files itself, not the modules a shell
+    command imports; this brings the stage's own code (and hnct.common) into its params.
+    """
+    digest = hashlib.sha256()
+    for module in ("common",) + modules:
+        path = HNCT_DIR / "hnct" / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = HNCT_DIR / "hnct" / module.replace(".", "/") / "__init__.py"
+        digest.update(module.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def case_row(wildcards):
+    return COHORT.loc[wildcards.case]
+
+
+def get_case_dicom(wildcards):
+    """The files convert reads for one case: demo output, a local folder's files, or a fetch manifest."""
+    row = case_row(wildcards)
+    if SOURCE == "demo":
+        return [f"{DICOM_ROOT}/{f}" for f in hnct.demo.case_files(row)]
+    if SOURCE == "local":
+        folder = Path(DICOM_ROOT) / row["dicom_dir"]
+        files = sorted(p for p in glob.glob(f"{folder}/**/*", recursive=True) if os.path.isfile(p))
+        # A missing or empty folder is not a DAG error: convert excludes the case with the reason.
+        return files
+    return [f"results/fetch/{wildcards.case}.json"]
+
+
+def get_case_dicom_dir(wildcards):
+    row = case_row(wildcards)
+    return str(Path(DICOM_ROOT) / row["dicom_dir"]) if row["dicom_dir"] else str(Path(DICOM_ROOT))
+
+
+def get_upstream_fetch(wildcards):
+    return f"results/fetch/{wildcards.case}.json" if SOURCE in ("tcia", "manifest") else ""
+
+
+def models_for(task):
+    return list(config["models"][task])
+
+
+def get_final_output():
+    outputs = ["results/exclusions.tsv"]
+    outputs += expand("results/slices/{case}.json", case=CASES)
+    for task in TASKS:
+        outputs.append(f"results/folds/{task}/folds.tsv")
+        outputs += expand(
+            "results/evaluate/{task}/{model}/fold{fold}/metrics.json",
+            task=task,
+            model=models_for(task),
+            fold=FOLDS,
+        )
+    outputs += get_report_outputs()
+    return outputs
