@@ -22,6 +22,7 @@ include: "workflow/rules/slices.smk"
 include: "workflow/rules/folds.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/exclusions.smk"
 include: "workflow/rules/report.smk"
 
 

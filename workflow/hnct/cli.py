@@ -14,6 +14,7 @@ STAGES = {
     "folds": "patient-level stratified folds",
     "train": "train one task x model x fold",
     "evaluate": "metrics of one fold",
+    "exclusions": "gather every excluded case into exclusions.tsv",
     "report": "tables and figures",
 }
 

@@ -1,0 +1,87 @@
+# folds{task}: the resolved cohort table, then patient-level stratified folds per task (hnct.folds).
+
+import json
+
+# The cohort table file (an input: editing it reruns the folds); the demo's is planned from config.
+COHORT_TABLE_INPUT = config["cohort"]["table"] if SOURCE != "demo" else []
+COHORT_DEMO_CONFIG = (
+    json.dumps(config["demo"], sort_keys=True) if SOURCE == "demo" else ""
+)
+COHORT_MODULES = (
+    ("folds", "cohort", "demo") if SOURCE == "demo" else ("folds", "cohort")
+)
+
+
+rule write_cohort:
+    input:
+        table=COHORT_TABLE_INPUT,
+    output:
+        cohort="results/cohort.tsv",
+    log:
+        "logs/write_cohort/all.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        source=SOURCE,
+        demo_config=COHORT_DEMO_CONFIG,
+        code=code_version(*COHORT_MODULES),
+    shell:
+        "python -m hnct.folds --log {log:q} cohort --out {output.cohort:q} --source {params.source}"
+        " --table={input.table:q} --demo-config={params.demo_config:q}"
+
+
+rule split_folds:
+    input:
+        cohort="results/cohort.tsv",
+        sidecars=expand("results/slices/{case}.json", case=CASES),
+    output:
+        folds="results/folds/{task}/folds.tsv",
+        splits="results/folds/{task}/splits_final.json",
+        excluded="results/folds/{task}/excluded.tsv",
+    log:
+        "logs/split_folds/{task}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        n_folds=config["folds"]["n_folds"],
+        seed=config["folds"]["seed"],
+        test=config["folds"]["test"],
+        test_fraction=config["folds"]["test_fraction"],
+        structure=config["train"]["segment"]["structure"],
+        code=code_version("folds", "cohort"),
+    shell:
+        "python -m hnct.folds --log {log:q} split --task {wildcards.task} --cohort {input.cohort:q}"
+        " --sidecars {input.sidecars:q} --out-folds {output.folds:q} --out-splits {output.splits:q}"
+        " --out-excluded {output.excluded:q} --n-folds {params.n_folds}"
+        " --seed {params.seed} --test {params.test} --test-fraction {params.test_fraction}"
+        " --structure {params.structure:q}"
+
+
+# Segmentation trains on slices: per fold, every slice of its train and val cases, from the indexes.
+rule list_fold_slices:
+    input:
+        folds="results/folds/segment/folds.tsv",
+        sidecars=expand("results/slices/{case}.json", case=CASES),
+    output:
+        slices=expand("results/folds/segment/fold{fold}_slices.tsv", fold=FOLDS),
+    log:
+        "logs/list_fold_slices/segment.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        code=code_version("folds", "cohort"),
+    shell:
+        "python -m hnct.folds --log {log:q} slices --folds {input.folds:q} --sidecars {input.sidecars:q}"
+        " --out {output.slices:q}"
