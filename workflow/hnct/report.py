@@ -470,7 +470,7 @@ def cohort_table(cohort_tsv: str | Path, exclusions_tsv: str | Path) -> pd.DataF
     """Cases per collection × T-stage, with the excluded cases counted per collection."""
     cohort = pd.read_csv(cohort_tsv, sep="\t", dtype=str, keep_default_na=False)
     excluded = pd.read_csv(exclusions_tsv, sep="\t", dtype=str, keep_default_na=False)
-    stage = cohort["t_stage"].replace("", "unknown").str.upper().str.extract(r"^(T[0-4IS]+|UNKNOWN)", expand=False)
+    stage = cohort["t_stage"].replace("", "unknown").str.upper().str.extract(r"^(TIS|T[0-4]|UNKNOWN)", expand=False)
     cohort = cohort.assign(stage=stage.fillna("other"))
     table = pd.crosstab(cohort["collection"], cohort["stage"])
     excluded_cases = set(excluded["case"]) if "case" in excluded else set()
