@@ -1,0 +1,855 @@
+"""demo: a synthetic head-and-neck CT cohort written as real DICOM, the workflow's embedded default.
+
+:func:`plan_cohort` decides every case from ``seed`` alone (collection, PatientID, T-stage, nodes,
+geometry, UIDs) without generating a pixel or touching a file, so Snakemake can call it at every
+parse. :func:`case_files` lists the exact files a case gets; :func:`write_case` writes them:
+
+* a CT series (CT Image Storage, Explicit VR Little Endian, int16 stored values, RescaleIntercept
+  -1024 so HU = stored - 1024), axial, identity direction, LPS mm, in-plane spacing 0.4-1.0 mm,
+  slice thickness 1-3 mm, per-patient origin offsets; InstanceNumber 1 is the most superior slice;
+* an RTSTRUCT (GTVp = tumour, GTVn = lymph nodes (node-positive cases only), Larynx = the
+  laryngeal region from the cricoid's lower edge to the epiglottis tip, used for the crop box);
+* for some patients a CT localizer (ImageType ``ORIGINAL\\PRIMARY\\LOCALIZER``) beside the CT;
+
+laid out as the NBIA Data Retriever writes downloads (``<Collection>/<PatientID>/
+<MM-DD-YYYY>-NA-<StudyDescription>-<last 5 of StudyUID>/<SeriesNumber>.000000-<SeriesDescription>-
+<last 5 of SeriesUID>/1-01.dcm``, files numbered from 1 and zero-padded to the width of the count).
+
+Phantom (HU): air -1000, subcutaneous fat -100, soft tissue 40, vertebra 650 (marrow 250),
+laryngeal cartilage 400 (thyroid shield, cricoid ring) and hyoid 550, airway lumen -1000, tumour 110
+(contrast-enhancing), lymph nodes 30 inside lateral fat pads (-90), Gaussian noise sigma 10 HU.
+The tumour sits on the laryngeal airway wall; for T1-T3 it is confined inside the thyroid
+cartilage (radius < shield inner radius - 1 mm from the airway axis), for T4 it is centred on the
+cartilage, replaces it (a visible gap) and extends about 10 mm outside it into the neck.
+
+Broken patients (``broken_cases``): ``gap`` (one CT slice in the middle missing; its RTSTRUCT
+still references the lost slice, as a real lost file leaves it) and ``no_ct`` (only an MR series,
+no usable CT, no RTSTRUCT). Kinds are in the plan column ``demo_kind`` (ct, gap, no_ct).
+The plan's ``series_uid`` column is left empty: the converter chooses the CT by its rule.
+
+UIDs are ``2.25.<name-based UUID>`` of (seed, case, role), so files are byte-identical for a seed.
+Each case's JSON manifest holds the planted truth (LPS mm): larynx centre, tumour ellipsoid,
+thyroid shield and cricoid geometry, cartilage box, node ellipsoids, T-stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    RTStructureSetStorage,
+)
+
+from hnct.cohort import check_cohort
+from hnct.common import atomic_path, progress, setup_logging, write_json
+
+log = logging.getLogger("hnct.demo")
+
+DEFAULT_ROOT = "results/demo/dicom"
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (RT references)
+
+# Region codes of the phantom, painted in this order (later wins), and their HU.
+AIR, FAT, SOFT, FAT_PAD, BONE, MARROW, AIRWAY, CARTILAGE, HYOID, TUMOUR, NODE = range(11)
+REGION_HU = np.array([-1000, -100, 40, -90, 650, 250, -1000, 400, 550, 110, 30], dtype=np.float32)
+# MR (the no-CT broken patient): arbitrary T2-like magnitudes per region.
+REGION_MR = np.array([0, 900, 350, 880, 150, 600, 0, 120, 150, 700, 650], dtype=np.float32)
+NOISE_HU = 10.0
+
+# Laryngeal framework, mm relative to the larynx centre (airway axis, z = larynx_z).
+AIRWAY_RADIUS = 8.0
+SHIELD_INNER, SHIELD_OUTER, SHIELD_HALF_ANGLE_DEG = 14.0, 16.5, 75.0
+SHIELD_Z = (-8.0, 16.0)
+CRICOID_INNER, CRICOID_OUTER, CRICOID_Z = 11.0, 14.0, (-16.0, -9.0)
+HYOID_INNER, HYOID_OUTER, HYOID_Z = 19.0, 22.0, (18.0, 21.0)
+LARYNX_RADIUS, LARYNX_Z = 20.0, (-16.0, 24.0)  # epiglottis tip at +24, cricoid lower edge at -16
+NECK_SEMI = (50.0, 45.0)  # LR, AP semi-axes of the skin ellipse, mm
+FAT_THICKNESS = 5.0
+AIRWAY_ANTERIOR_OF_NECK = 15.0  # airway axis lies this far anterior of the neck centre, mm
+
+COLLECTIONS = {
+    # name: scanner style (mimics TCIA collections: vendor, kernel, thicknesses, descriptions)
+    "DEMO-ALPHA": {"manufacturer": "GE MEDICAL SYSTEMS", "model": "LightSpeed RT16", "kernel": "STANDARD",
+                   "thickness": [2.0, 2.5], "study_desc": "RT SIMULATION", "series_desc": "Neck 2.0 CE"},
+    "DEMO-BETA": {"manufacturer": "SIEMENS", "model": "SOMATOM Definition AS", "kernel": "B31f",
+                  "thickness": [3.0, 2.0], "study_desc": "CT NECK W CONTRAST", "series_desc": "CT IMAGES"},
+    "DEMO-GAMMA": {"manufacturer": "Philips", "model": "Brilliance Big Bore", "kernel": "B",
+                   "thickness": [1.5, 2.0, 1.0], "study_desc": "HEAD NECK PLANNING", "series_desc": ""},
+}
+SUBSITES = ["Glottis", "Supraglottis", "Subglottis"]
+
+METADATA_COLUMNS = [
+    "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",
+    "Study UID", "Study Description", "Study Date", "Series Description", "Manufacturer",
+    "Modality", "SOP Class Name", "SOP Class UID", "Number of Images", "File Size",
+    "File Location", "Download Timestamp",
+]
+CLINICAL_COLUMNS = [
+    "TCIA_ID", "Case_ID", "Collection", "T_stage", "N_stage", "Label_T4", "Subsite", "Age", "Sex",
+    "x", "y", "z", "size_x", "size_y", "size_z",
+]
+DOWNLOAD_TIMESTAMP = "2026-01-01 00:00:00.000"  # fixed: the cohort tables are byte-reproducible
+
+
+# ----------------------------------------------------------------------------------- planning
+
+# Namespace of hnct's name-based UUIDs (uuid5 of "hnct.demo" in the URL namespace).
+UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "hnct.demo")
+
+
+def _uid(seed: Any, *parts: Any) -> str:
+    """A valid DICOM UID ``2.25.<UUID as integer>`` (PS3.5 B.2) from the seed and ``parts`` only.
+
+    A name-based UUID (v5), so the same seed and parts always give the same UID; pydicom's
+    ``generate_uid(prefix=None)`` would draw a random UUID4 and ignore its entropy sources.
+    """
+    return f"2.25.{uuid.uuid5(UUID_NAMESPACE, ':'.join(map(str, (seed, *parts)))).int}"
+
+
+def _int_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def plan_cohort(n_patients: int = 24, seed: int = 1729, t4_fraction: float = 0.35,
+                broken_cases: bool = True, two_scan_patients: int = 1) -> pd.DataFrame:
+    """Plan the synthetic cohort: one row per case in the cohort-table format (:mod:`hnct.cohort`).
+
+    Cheap and deterministic (no pixels, no I/O). ``n_patients`` usable patients are spread over
+    three collections; ``round(t4_fraction * n_patients)`` of them are T4; about one in five is
+    node-negative; the first ``two_scan_patients`` patients of DEMO-BETA get a second scan (two
+    cases, one PatientID, ``dicom_dir`` = each study folder); ``broken_cases`` adds two patients
+    (``demo_kind`` gap and no_ct). Extra columns carry the plan (geometry in mm, UIDs, seeds).
+    """
+    rng = np.random.default_rng([seed, 0])
+    names = list(COLLECTIONS)
+    n_t4 = int(round(t4_fraction * n_patients))
+    stages = ["T4"] * n_t4 + [f"T{1 + i % 3}" for i in range(n_patients - n_t4)]
+    rng.shuffle(stages)
+    n_negative = max(1, int(round(0.2 * n_patients)))
+    node_pos = np.ones(n_patients, dtype=int)
+    node_pos[rng.choice(n_patients, n_negative, replace=False)] = 0
+    kinds = ["ct"] * n_patients + (["gap", "no_ct"] if broken_cases else [])
+    # Localizer beside the CT for two normal patients (the converter must pick the axial CT).
+    localizer = set(rng.choice(n_patients, min(2, n_patients), replace=False).tolist())
+    rows: list[dict[str, Any]] = []
+    counters = {name: 0 for name in names}
+    two_scan_left = two_scan_patients
+    for index, kind in enumerate(kinds):
+        collection = names[index % len(names)]
+        counters[collection] += 1
+        patient = f"{collection}-{counters[collection]:03d}"
+        prng = np.random.default_rng([seed, 1, index])
+        if index < n_patients:
+            t_stage, node_positive = stages[index], int(node_pos[index])
+        else:
+            t_stage, node_positive = ["T2", "T4"][index - n_patients], 1
+        n_scans = 1
+        if kind == "ct" and collection == "DEMO-BETA" and two_scan_left > 0:
+            n_scans, two_scan_left = 2, two_scan_left - 1
+        patient_fields = {
+            "patient": patient, "collection": collection, "t_stage": t_stage,
+            "label_t4": str(int(t_stage == "T4")), "node_positive": str(node_positive),
+            "demo_kind": kind, "anatomy_seed": str(_int_seed(seed, patient, "anatomy")),
+            "n_nodes": str(int(prng.integers(1, 4)) if node_positive else 0),
+            "subsite": SUBSITES[int(prng.integers(0, len(SUBSITES)))] if t_stage != "T4" else "Glottis",
+            "age": str(int(prng.integers(42, 84))), "sex": "M" if prng.random() < 0.8 else "F",
+        }
+        for scan in range(n_scans):
+            case = patient if n_scans == 1 else f"{patient}-{scan + 1:02d}"
+            row = dict(case=case, split="", series_uid="", **patient_fields)
+            row.update(_plan_scan(seed, case, collection, kind,
+                                  with_localizer=(index in localizer and scan == 0)))
+            row["dicom_dir"] = (f"{collection}/{patient}" if n_scans == 1
+                                else f"{collection}/{patient}/{row['study_folder']}")
+            rows.append(row)
+    return check_cohort(pd.DataFrame(rows), source=f"demo plan (seed {seed})")
+
+
+def _plan_scan(seed: int, case: str, collection: str, kind: str, with_localizer: bool) -> dict[str, str]:
+    """Geometry, UIDs and folder names of one scan (all values as strings, as the cohort keeps them)."""
+    style = COLLECTIONS[collection]
+    rng = np.random.default_rng(_int_seed(seed, case, "scan"))
+    spacing = round(float(rng.uniform(0.4, 1.0)), 3)
+    fov = float(rng.uniform(140.0, 165.0))
+    rows = int(np.clip(round(fov / spacing / 2) * 2, 200, 400))
+    thickness = float(style["thickness"][int(rng.integers(0, len(style["thickness"])))])
+    z_extent = float(rng.uniform(86.0, 96.0))
+    n_slices = int(np.clip(math.ceil(z_extent / thickness) + 1, 40, 140))
+    width = rows * spacing
+    origin_x = round(-(rows - 1) * spacing / 2 + float(rng.uniform(-20, 20)), 3)
+    origin_y = round(-(rows - 1) * spacing / 2 + float(rng.uniform(-20, 20)) + 10.0, 3)
+    origin_z = round(float(rng.uniform(-350.0, 50.0)), 3)
+    centre_x = origin_x + (rows - 1) * spacing / 2
+    centre_y = origin_y + (rows - 1) * spacing / 2
+    neck_x = round(centre_x + float(rng.uniform(-8, 8)), 3)
+    neck_y = round(centre_y + float(rng.uniform(-8, 8)), 3)
+    larynx_z = round(origin_z + (n_slices - 1) * thickness / 2 + float(rng.uniform(-10, 10)), 3)
+    year, month, day = int(rng.integers(2003, 2020)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    study_uid = _uid(seed, case, "study")
+    main_uid = _uid(seed, case, "series", "ct" if kind != "no_ct" else "mr")
+    plan = {
+        "study_uid": study_uid, "frame_uid": _uid(seed, case, "frame"),
+        "study_date": f"{year:04d}{month:02d}{day:02d}", "study_desc": style["study_desc"],
+        "manufacturer": style["manufacturer"], "model": style["model"], "kernel": style["kernel"],
+        "ct_series_uid": main_uid, "ct_series_number": "2", "ct_series_desc": style["series_desc"],
+        "rtstruct_series_uid": _uid(seed, case, "series", "rtstruct") if kind != "no_ct" else "",
+        "localizer_series_uid": _uid(seed, case, "series", "localizer") if with_localizer else "",
+        "rows": str(rows), "cols": str(rows), "pixel_spacing": str(spacing),
+        "slice_thickness": str(thickness), "n_slices": str(n_slices),
+        "origin_x": str(origin_x), "origin_y": str(origin_y), "origin_z": str(origin_z),
+        "neck_x": str(neck_x), "neck_y": str(neck_y), "larynx_z": str(larynx_z),
+        "missing_slice": str(n_slices // 2) if kind == "gap" else "",
+        "pixel_seed": str(_int_seed(seed, case, "pixels")), "fov_mm": str(round(width, 3)),
+    }
+    if kind == "no_ct":  # an axial MR of the neck: 5 mm slices, fixed 256 matrix
+        plan.update(rows="256", cols="256", pixel_spacing="0.7", slice_thickness="5.0", n_slices="24",
+                    ct_series_number="3", ct_series_desc="T2 AX NECK")
+    plan["study_folder"] = f"{month:02d}-{day:02d}-{year:04d}-NA-{style['study_desc']}-{study_uid[-5:]}"
+    return plan
+
+
+# ------------------------------------------------------------------------------- file layout
+
+def _series_folder(number: str | int, description: str, uid: str) -> str:
+    return f"{float(number):.6f}-{description or 'NA'}-{uid[-5:]}"
+
+
+def _file_names(count: int) -> list[str]:
+    width = len(str(count))
+    return [f"1-{i:0{width}d}.dcm" for i in range(1, count + 1)]
+
+
+def _series_of(row: pd.Series) -> list[dict[str, Any]]:
+    """Every series a case gets: key, modality, UID, folder (relative to the DICOM root), file names."""
+    study = f"{row['collection']}/{row['patient']}/{row['study_folder']}"
+    kind = row["demo_kind"]
+    series = []
+    if row["localizer_series_uid"]:
+        series.append({"key": "localizer", "modality": "CT", "sop_class": CTImageStorage,
+                       "sop_class_name": "CT Image Storage", "number": 1, "description": "Topogram",
+                       "uid": row["localizer_series_uid"], "n_files": 2})
+    n_slices = int(row["n_slices"])
+    if kind == "no_ct":
+        series.append({"key": "mr", "modality": "MR", "sop_class": MRImageStorage,
+                       "sop_class_name": "MR Image Storage", "number": int(row["ct_series_number"]),
+                       "description": row["ct_series_desc"], "uid": row["ct_series_uid"], "n_files": n_slices})
+    else:
+        series.append({"key": "ct", "modality": "CT", "sop_class": CTImageStorage,
+                       "sop_class_name": "CT Image Storage", "number": int(row["ct_series_number"]),
+                       "description": row["ct_series_desc"], "uid": row["ct_series_uid"],
+                       "n_files": n_slices - (1 if row["missing_slice"] else 0)})
+        series.append({"key": "rtstruct", "modality": "RTSTRUCT", "sop_class": RTStructureSetStorage,
+                       "sop_class_name": "RT Structure Set Storage", "number": 900,
+                       "description": "RTSTRUCT", "uid": row["rtstruct_series_uid"], "n_files": 1})
+    for s in series:
+        s["folder"] = f"{study}/{_series_folder(s['number'], s['description'], s['uid'])}"
+        s["files"] = _file_names(s["n_files"])
+    return series
+
+
+def dicom_root_param(wildcards, output) -> str:
+    """Snakemake ``params`` function: the DICOM root, read off a rule's outputs (no hard-coded prefix).
+
+    ``metadata.csv`` lies in the root; a case file lies 5 levels below it
+    (``<Collection>/<PatientID>/<study>/<series>/<file>``).
+    """
+    if "metadata" in output.keys():
+        return str(Path(output.metadata).parent)
+    return str(Path(output.files[0]).parents[4])
+
+
+def case_files(row: pd.Series) -> list[str]:
+    """The exact files :func:`write_case` writes for ``row``, relative to the DICOM root."""
+    return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]]
+
+
+# ----------------------------------------------------------------------------------- anatomy
+
+def anatomy(row: pd.Series) -> dict[str, Any]:
+    """The planted structures of a case in LPS mm (recomputed from the row; same for both scans).
+
+    Larynx centre = (larynx_x, larynx_y, larynx_z) on the airway axis. Tumour: ellipsoid
+    (centre, semi_axes) with ``confine_radius`` (T1-T3: voxels only where the distance from the
+    airway axis is below it); nodes: ellipsoids.
+    """
+    rng = np.random.default_rng(int(row["anatomy_seed"]))
+    neck_x, neck_y, larynx_z = float(row["neck_x"]), float(row["neck_y"]), float(row["larynx_z"])
+    larynx_x = neck_x + float(rng.uniform(-3, 3))
+    larynx_y = neck_y - AIRWAY_ANTERIOR_OF_NECK
+    side = 1.0 if rng.random() < 0.5 else -1.0  # tumour on patient left (+x) or right
+    stage = row["t_stage"]
+    if stage == "T4":
+        angle = math.radians(float(rng.uniform(25, 45))) * side  # from anterior, through the shield
+        radius = (SHIELD_INNER + SHIELD_OUTER) / 2
+        semi = [float(rng.uniform(10.5, 12.0))] * 2 + [float(rng.uniform(12, 14))]
+        centre_z = larynx_z + float(rng.uniform(2, 5))
+        confine = None
+    else:
+        angle = math.radians(float(rng.uniform(20, 70))) * side
+        radius = AIRWAY_RADIUS
+        size = {"T1": 3.5, "T2": 5.0, "T3": 6.5}[stage] + float(rng.uniform(-0.5, 0.5))
+        semi = [size, size, size * 1.3]
+        centre_z = larynx_z + float(rng.uniform(0, 6))
+        confine = SHIELD_INNER - 1.0
+    tumour_centre = [larynx_x + radius * math.sin(angle), larynx_y - radius * math.cos(angle), centre_z]
+    nodes = []
+    for i in range(int(row["n_nodes"])):
+        node_side = 1.0 if i % 2 == 0 else -1.0
+        if i == 0 and rng.random() < 0.5:
+            node_side = -1.0
+        semi_axis = float(rng.uniform(2.5, 5.0))
+        nodes.append({
+            "centre": [larynx_x + node_side * float(rng.uniform(21.0, 23.0)),
+                       larynx_y + float(rng.uniform(6.0, 10.0)),
+                       larynx_z + float(rng.uniform(-12.0, 14.0)) + 0.0 * i],
+            "semi_axes": [semi_axis, semi_axis * float(rng.uniform(0.8, 1.0)), semi_axis * 1.2],
+        })
+    return {
+        "neck_centre": [neck_x, neck_y], "neck_semi_axes": list(NECK_SEMI),
+        "larynx_centre": [larynx_x, larynx_y, larynx_z],
+        "tumour": {"centre": tumour_centre, "semi_axes": semi, "confine_radius": confine,
+                   "angle_deg_from_anterior": math.degrees(angle)},
+        "nodes": nodes,
+    }
+
+
+def _region_slice(anat: dict[str, Any], z: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Region codes (uint8, rows = y, cols = x) of the axial plane at ``z`` (LPS mm)."""
+    X, Y = np.meshgrid(xs, ys)
+    nx, ny = anat["neck_centre"]
+    a, b = anat["neck_semi_axes"]
+    cx, cy, cz = anat["larynx_centre"]
+    dz = z - cz
+    region = np.zeros(X.shape, dtype=np.uint8)
+    region[((X - nx) / a) ** 2 + ((Y - ny) / b) ** 2 <= 1] = FAT
+    region[((X - nx) / (a - FAT_THICKNESS)) ** 2 + ((Y - ny) / (b - FAT_THICKNESS)) ** 2 <= 1] = SOFT
+    for side in (-1, 1):  # lateral fat pads that hold the nodes
+        region[((X - cx - side * 22.0) / 8.0) ** 2 + ((Y - cy - 8.0) / 9.0) ** 2 <= 1] = FAT_PAD
+    vx, vy = nx, ny + 18.0  # vertebral body and posterior arch
+    rv = np.hypot(X - vx, Y - vy)
+    region[rv <= 12.0] = BONE
+    region[rv <= 10.0] = MARROW
+    ra = np.hypot(X - vx, Y - (ny + 35.0))
+    region[(ra >= 6.0) & (ra <= 9.0) & (Y > ny + 33.0)] = BONE
+    dx, dy = X - cx, Y - cy
+    r = np.hypot(dx, dy)
+    theta = np.degrees(np.arctan2(dx, -dy))  # 0 = anterior, + = patient left
+    region[r <= AIRWAY_RADIUS] = AIRWAY
+    if SHIELD_Z[0] <= dz <= SHIELD_Z[1]:
+        region[(r >= SHIELD_INNER) & (r <= SHIELD_OUTER) & (np.abs(theta) <= SHIELD_HALF_ANGLE_DEG)] = CARTILAGE
+    if CRICOID_Z[0] <= dz <= CRICOID_Z[1]:
+        region[(r >= CRICOID_INNER) & (r <= CRICOID_OUTER)] = CARTILAGE
+    if HYOID_Z[0] <= dz <= HYOID_Z[1]:
+        region[(r >= HYOID_INNER) & (r <= HYOID_OUTER) & (np.abs(theta) <= 80.0)] = HYOID
+    region[_tumour_mask(anat, z, X, Y)] = TUMOUR
+    for node in anat["nodes"]:
+        region[_ellipsoid(node["centre"], node["semi_axes"], z, X, Y)] = NODE
+    return region
+
+
+def _ellipsoid(centre, semi_axes, z, X, Y) -> np.ndarray:
+    t = ((z - centre[2]) / semi_axes[2]) ** 2
+    if t > 1:
+        return np.zeros(X.shape, dtype=bool)
+    return ((X - centre[0]) / semi_axes[0]) ** 2 + ((Y - centre[1]) / semi_axes[1]) ** 2 <= 1 - t
+
+
+def _tumour_mask(anat, z, X, Y) -> np.ndarray:
+    tumour = anat["tumour"]
+    mask = _ellipsoid(tumour["centre"], tumour["semi_axes"], z, X, Y)
+    if tumour["confine_radius"] is not None:
+        cx, cy, _ = anat["larynx_centre"]
+        mask &= np.hypot(X - cx, Y - cy) < tumour["confine_radius"]
+    return mask
+
+
+def _larynx_mask(anat, z, X, Y) -> np.ndarray:
+    cx, cy, cz = anat["larynx_centre"]
+    if not LARYNX_Z[0] <= z - cz <= LARYNX_Z[1]:
+        return np.zeros(X.shape, dtype=bool)
+    return np.hypot(X - cx, Y - cy) <= LARYNX_RADIUS
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _geometry(row: pd.Series) -> dict[str, Any]:
+    rows, cols = int(row["rows"]), int(row["cols"])
+    spacing, thickness = float(row["pixel_spacing"]), float(row["slice_thickness"])
+    origin = [float(row["origin_x"]), float(row["origin_y"]), float(row["origin_z"])]
+    n_slices = int(row["n_slices"])
+    return {
+        "rows": rows, "cols": cols, "pixel_spacing": spacing, "slice_thickness": thickness,
+        "n_slices": n_slices, "origin": origin, "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        "size": [cols, rows, n_slices], "spacing": [spacing, spacing, thickness],
+        "xs": origin[0] + spacing * np.arange(cols), "ys": origin[1] + spacing * np.arange(rows),
+        "zs": [round(origin[2] + k * thickness, 3) for k in range(n_slices)],
+    }
+
+
+def _common_dataset(row: pd.Series, series: dict[str, Any], sop_uid: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = series["sop_class"]
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "HNCT_DEMO"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = series["sop_class"]
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = row["study_date"]
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "093000"
+    ds.AccessionNumber = ""
+    ds.Modality = series["modality"]
+    ds.Manufacturer = row["manufacturer"]
+    ds.ManufacturerModelName = row["model"]
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = row["study_desc"]
+    ds.SeriesDescription = series["description"]
+    ds.PatientName = row["patient"]
+    ds.PatientID = row["patient"]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = row["sex"]
+    ds.PatientAge = f"{int(row['age']):03d}Y"
+    ds.BodyPartExamined = "NECK"
+    ds.StudyInstanceUID = row["study_uid"]
+    ds.SeriesInstanceUID = series["uid"]
+    ds.StudyID = "1"
+    ds.SeriesNumber = series["number"]
+    return ds
+
+
+def _image_dataset(row, series, sop_uid, pixels: np.ndarray, signed: bool) -> Dataset:
+    ds = _common_dataset(row, series, sop_uid)
+    ds.FrameOfReferenceUID = row["frame_uid"]
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16 if signed else 12
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.add_new(0x7FE00010, "OW", pixels.astype("<i2" if signed else "<u2").tobytes())
+    return ds
+
+
+def _write_dataset(ds: Dataset, path: Path) -> None:
+    with atomic_path(path, suffix=".dcm") as tmp:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+
+
+def _ct_slice_uids(row: pd.Series) -> list[str]:
+    """SOPInstanceUIDs of every planned CT slice in position order (inferior first), missing one too."""
+    return [_uid(row["ct_series_uid"], "slice", k) for k in range(int(row["n_slices"]))]
+
+
+def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path) -> dict[str, Any]:
+    """Write one case's DICOM under ``dicom_root`` and its JSON manifest (files, UIDs, geometry, truth)."""
+    dicom_root = Path(dicom_root)
+    case = row["case"]
+    geo = _geometry(row)
+    anat = anatomy(row)
+    series = _series_of(row)
+    by_key = {s["key"]: s for s in series}
+    written: list[str] = []
+    noise_rng = np.random.default_rng(int(row["pixel_seed"]))
+    zs = geo["zs"]
+    n = geo["n_slices"]
+    missing = int(row["missing_slice"]) if row["missing_slice"] else None
+
+    if "localizer" in by_key:
+        written += _write_localizer(row, by_key["localizer"], anat, geo, dicom_root)
+
+    contours: dict[str, list[tuple[int, np.ndarray]]] = {"GTVp": [], "GTVn": [], "Larynx": []}
+    if row["demo_kind"] == "no_ct":
+        s = by_key["mr"]
+        for k, name in enumerate(s["files"]):
+            region = _region_slice(anat, zs[k], geo["xs"], geo["ys"])
+            img = REGION_MR[region] + noise_rng.normal(0, 15.0, region.shape).astype(np.float32)
+            pixels = np.clip(np.rint(img), 0, 4095)
+            ds = _image_dataset(row, s, _uid(s["uid"], "slice", k), pixels, signed=False)
+            _mr_attributes(ds)
+            _set_plane(ds, geo, zs[k], instance=n - k)
+            _write_dataset(ds, dicom_root / s["folder"] / name)
+            written.append(f"{s['folder']}/{name}")
+    else:
+        s = by_key["ct"]
+        slice_uids = _ct_slice_uids(row)
+        X, Y = np.meshgrid(geo["xs"], geo["ys"])
+        present = [k for k in range(n) if k != missing]
+        # InstanceNumber 1 = most superior slice (scanner order); file 1-001 = instance 1.
+        present_desc = sorted(present, reverse=True)
+        for name, k in zip(s["files"], present_desc):
+            region = _region_slice(anat, zs[k], geo["xs"], geo["ys"])
+            hu = REGION_HU[region] + noise_rng.normal(0, NOISE_HU, region.shape).astype(np.float32)
+            stored = np.clip(np.rint(hu), -1024, 3071) + 1024
+            ds = _image_dataset(row, s, slice_uids[k], stored, signed=True)
+            _ct_attributes(ds, row)
+            _set_plane(ds, geo, zs[k], instance=n - k)
+            _write_dataset(ds, dicom_root / s["folder"] / name)
+            written.append(f"{s['folder']}/{name}")
+        for k in range(n):  # contours on every planned plane, the missing one too (as a lost file leaves it)
+            z = zs[k]
+            contours["GTVp"] += [(k, c) for c in _mask_contours(_tumour_mask(anat, z, X, Y), geo, z)]
+            node_mask = np.zeros(X.shape, dtype=bool)
+            for node in anat["nodes"]:
+                node_mask |= _ellipsoid(node["centre"], node["semi_axes"], z, X, Y)
+            contours["GTVn"] += [(k, c) for c in _mask_contours(node_mask, geo, z)]
+            contours["Larynx"] += [(k, c) for c in _mask_contours(_larynx_mask(anat, z, X, Y), geo, z)]
+        rt = by_key["rtstruct"]
+        ds = _rtstruct_dataset(row, rt, s, slice_uids, contours)
+        _write_dataset(ds, dicom_root / rt["folder"] / rt["files"][0])
+        written.append(f"{rt['folder']}/{rt['files'][0]}")
+
+    expected = case_files(row)
+    if written != expected:  # a bug, not bad input: the declared outputs must match
+        raise RuntimeError(f"case {case}: wrote {len(written)} files, planned {len(expected)}")
+    manifest = _manifest(row, geo, anat, series, written, contours)
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def _set_plane(ds: Dataset, geo: dict[str, Any], z: float, instance: int) -> None:
+    ds.ImagePositionPatient = [round(geo["origin"][0], 3), round(geo["origin"][1], 3), z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [geo["pixel_spacing"], geo["pixel_spacing"]]
+    ds.SliceThickness = geo["slice_thickness"]
+    ds.SpacingBetweenSlices = geo["slice_thickness"]
+    ds.SliceLocation = z
+    ds.InstanceNumber = instance
+
+
+def _ct_attributes(ds: Dataset, row: pd.Series) -> None:
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ConvolutionKernel = row["kernel"]
+    ds.KVP = 120
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.WindowCenter = 40
+    ds.WindowWidth = 400
+
+
+def _mr_attributes(ds: Dataset) -> None:
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "SK"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.RepetitionTime = 4000
+    ds.EchoTime = 90
+    ds.EchoTrainLength = 16
+    ds.MagneticFieldStrength = 1.5
+
+
+def _write_localizer(row, series, anat, geo, dicom_root: Path) -> list[str]:
+    """Two projection scouts (AP = coronal plane, lateral = sagittal plane) covering 240 mm of z."""
+    nx, ny = anat["neck_centre"]
+    a, b = anat["neck_semi_axes"]
+    size, spacing = 256, 0.9375
+    z_top = geo["zs"][-1] + 70.0
+    zs = z_top - spacing * np.arange(size)
+    written = []
+    for i, (name, plane) in enumerate(zip(series["files"], ("AP", "LAT"))):
+        u0 = (nx if plane == "AP" else ny) - (size - 1) * spacing / 2
+        us = u0 + spacing * np.arange(size)
+        # Chord length (mm) through the neck ellipse along the beam: a projection, not anatomy.
+        if plane == "AP":
+            chord = 2 * b * np.sqrt(np.clip(1 - ((us - nx) / a) ** 2, 0, None))
+        else:
+            chord = 2 * a * np.sqrt(np.clip(1 - ((us - ny) / b) ** 2, 0, None))
+        image = np.tile(np.clip(chord * 12.0, 0, 3000), (size, 1)).astype(np.float32)
+        ds = _image_dataset(row, series, _uid(series["uid"], "scout", i), np.rint(image), signed=True)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ConvolutionKernel = row["kernel"]
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        row_dir = [1, 0, 0] if plane == "AP" else [0, 1, 0]
+        ds.ImageOrientationPatient = row_dir + [0, 0, -1]
+        ds.ImagePositionPatient = [round(u0, 3), round(ny, 3), round(z_top, 3)] if plane == "AP" \
+            else [round(nx, 3), round(u0, 3), round(z_top, 3)]
+        ds.PixelSpacing = [spacing, spacing]
+        ds.InstanceNumber = i + 1
+        _write_dataset(ds, dicom_root / series["folder"] / name)
+        written.append(f"{series['folder']}/{name}")
+    return written
+
+
+def _mask_contours(mask: np.ndarray, geo: dict[str, Any], z: float) -> list[np.ndarray]:
+    """Closed polygons (N x 3, LPS mm) of a slice mask's boundaries at the 0.5 level."""
+    from skimage import measure
+
+    if not mask.any():
+        return []
+    padded = np.pad(mask.astype(np.float32), 1)
+    polygons = []
+    for contour in measure.find_contours(padded, 0.5):
+        contour = measure.approximate_polygon(contour - 1.0, tolerance=0.2)[:-1]  # drop closing point
+        if len(contour) < 3:
+            continue
+        x = geo["origin"][0] + contour[:, 1] * geo["pixel_spacing"]
+        y = geo["origin"][1] + contour[:, 0] * geo["pixel_spacing"]
+        polygons.append(np.column_stack([x, y, np.full(len(x), z)]))
+    return polygons
+
+
+def _rtstruct_dataset(row, rt, ct, slice_uids, contours) -> Dataset:
+    ds = _common_dataset(row, rt, _uid(rt["uid"], "instance"))
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "hnct demo"
+    ds.StructureSetName = "GTV and larynx"
+    ds.StructureSetDate = row["study_date"]
+    ds.StructureSetTime = "100000"
+
+    def image_ref(uid: str) -> Dataset:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = CTImageStorage
+        ref.ReferencedSOPInstanceUID = uid
+        return ref
+
+    rt_series = Dataset()
+    rt_series.SeriesInstanceUID = ct["uid"]
+    rt_series.ContourImageSequence = Sequence([image_ref(uid) for uid in slice_uids])
+    rt_study = Dataset()
+    rt_study.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    rt_study.ReferencedSOPInstanceUID = row["study_uid"]
+    rt_study.RTReferencedSeriesSequence = Sequence([rt_series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = row["frame_uid"]
+    frame.RTReferencedStudySequence = Sequence([rt_study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+
+    rois = [("GTVp", "GTV", [255, 0, 0]), ("GTVn", "GTV", [0, 0, 255]), ("Larynx", "ORGAN", [0, 255, 0])]
+    roi_seq, contour_seq, obs_seq = [], [], []
+    number = 0
+    for name, interpreted, colour in rois:
+        if not contours[name]:
+            continue  # GTVn is absent for node-negative cases
+        number += 1
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = row["frame_uid"]
+        roi.ROIName = name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi_seq.append(roi)
+        roi_contour = Dataset()
+        roi_contour.ReferencedROINumber = number
+        roi_contour.ROIDisplayColor = colour
+        items = []
+        for k, polygon in contours[name]:
+            item = Dataset()
+            item.ContourImageSequence = Sequence([image_ref(slice_uids[k])])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(polygon)
+            item.ContourData = [round(float(v), 3) for v in polygon.ravel()]
+            items.append(item)
+        roi_contour.ContourSequence = Sequence(items)
+        contour_seq.append(roi_contour)
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = interpreted
+        obs.ROIInterpreter = ""
+        obs_seq.append(obs)
+    ds.StructureSetROISequence = Sequence(roi_seq)
+    ds.ROIContourSequence = Sequence(contour_seq)
+    ds.RTROIObservationsSequence = Sequence(obs_seq)
+    return ds
+
+
+def _manifest(row, geo, anat, series, written, contours) -> dict[str, Any]:
+    cx, cy, cz = anat["larynx_centre"]
+    # Boxes (LPS mm) of the thyroid shield (|angle from anterior| <= 75 deg) and of the whole
+    # cartilage framework (shield + cricoid ring).
+    half = math.radians(SHIELD_HALF_ANGLE_DEG)
+    shield_box = {"min": [cx - SHIELD_OUTER * math.sin(half), cy - SHIELD_OUTER, cz + SHIELD_Z[0]],
+                  "max": [cx + SHIELD_OUTER * math.sin(half), cy - SHIELD_INNER * math.cos(half),
+                          cz + SHIELD_Z[1]]}
+    cartilage_box = {"min": [shield_box["min"][0], cy - SHIELD_OUTER, cz + CRICOID_Z[0]],
+                     "max": [shield_box["max"][0], cy + CRICOID_OUTER, cz + SHIELD_Z[1]]}
+    tumour = anat["tumour"]
+    return {
+        "case": row["case"], "patient": row["patient"], "collection": row["collection"],
+        "demo_kind": row["demo_kind"], "files": written,
+        "series": [{k: v for k, v in s.items() if k != "files"} | {"files": s["files"]} for s in series],
+        "uids": {"study": row["study_uid"], "frame_of_reference": row["frame_uid"],
+                 "ct_series": row["ct_series_uid"], "rtstruct_series": row["rtstruct_series_uid"],
+                 "localizer_series": row["localizer_series_uid"]},
+        "geometry": {k: v for k, v in geo.items() if k not in ("xs", "ys")}
+        | {"missing_slice": int(row["missing_slice"]) if row["missing_slice"] else None},
+        "truth": {
+            "t_stage": row["t_stage"], "label_t4": int(row["label_t4"]),
+            "node_positive": int(row["node_positive"]),
+            "larynx_centre_lps": [cx, cy, cz],
+            "larynx_roi": {"radius_mm": LARYNX_RADIUS, "z_min": cz + LARYNX_Z[0], "z_max": cz + LARYNX_Z[1]},
+            "tumour": {"centre_lps": tumour["centre"], "semi_axes_mm": tumour["semi_axes"],
+                       "confine_radius_mm": tumour["confine_radius"],
+                       "angle_deg_from_anterior": tumour["angle_deg_from_anterior"],
+                       "breaks_cartilage": row["t_stage"] == "T4"},
+            "thyroid_shield": {"inner_radius_mm": SHIELD_INNER, "outer_radius_mm": SHIELD_OUTER,
+                               "half_angle_deg": SHIELD_HALF_ANGLE_DEG,
+                               "z_min": cz + SHIELD_Z[0], "z_max": cz + SHIELD_Z[1], "box_lps": shield_box},
+            "cricoid": {"inner_radius_mm": CRICOID_INNER, "outer_radius_mm": CRICOID_OUTER,
+                        "z_min": cz + CRICOID_Z[0], "z_max": cz + CRICOID_Z[1]},
+            "cartilage_box_lps": cartilage_box,
+            "nodes": [{"centre_lps": nd["centre"], "semi_axes_mm": nd["semi_axes"]} for nd in anat["nodes"]],
+            "n_contours": {name: len(items) for name, items in contours.items()},
+            "hu": {"air": -1000, "fat": -100, "soft_tissue": 40, "cartilage": 400, "bone": 650,
+                   "tumour": 110, "node": 30, "noise_sigma": NOISE_HU},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- cohort tables
+
+def write_cohort_tables(cohort: pd.DataFrame, dicom_root: str | Path, metadata_csv: str | Path,
+                        clinical_tsv: str | Path) -> None:
+    """Write the Data Retriever ``metadata.csv`` (CRLF, one row per series) and the clinical table.
+
+    Clinical columns follow the LaryngealCT metadata spreadsheet: TCIA_ID (patient), Case_ID,
+    Collection, T_stage, N_stage, Label_T4, Subsite, Age, Sex, and the crop parameters in the
+    ``bbox3d.txt`` form (x, y, z, size_x, size_y, size_z: integer voxels of the ORIGINAL scan grid,
+    x = column, y = row, z = slice index in position order from the most inferior slice) of the
+    Larynx region. Both are written per case in cohort order (deterministic).
+    """
+    dicom_root = Path(dicom_root)
+    metadata_rows, clinical_rows = [], []
+    for _, row in cohort.iterrows():
+        study_date = row["study_date"]
+        for s in _series_of(row):
+            folder = dicom_root / s["folder"]
+            size = sum((folder / name).stat().st_size for name in s["files"] if (folder / name).exists())
+            metadata_rows.append({
+                "Series UID": s["uid"], "Collection": row["collection"], "3rd Party Analysis": "NO",
+                "Data Description URI": "", "Subject ID": row["patient"], "Study UID": row["study_uid"],
+                "Study Description": row["study_desc"],
+                "Study Date": f"{study_date[4:6]}-{study_date[6:8]}-{study_date[:4]}",
+                "Series Description": s["description"], "Manufacturer": row["manufacturer"],
+                "Modality": s["modality"], "SOP Class Name": s["sop_class_name"],
+                "SOP Class UID": s["sop_class"], "Number of Images": s["n_files"], "File Size": size,
+                "File Location": "./" + s["folder"], "Download Timestamp": DOWNLOAD_TIMESTAMP,
+            })
+        box = crop_parameters(row)
+        clinical_rows.append({
+            "TCIA_ID": row["patient"], "Case_ID": row["case"], "Collection": row["collection"],
+            "T_stage": row["t_stage"], "N_stage": "N1" if row["node_positive"] == "1" else "N0",
+            "Label_T4": row["label_t4"], "Subsite": row["subsite"], "Age": row["age"], "Sex": row["sex"],
+            **box,
+        })
+    with atomic_path(metadata_csv) as tmp:
+        pd.DataFrame(metadata_rows, columns=METADATA_COLUMNS).to_csv(tmp, index=False, lineterminator="\r\n")
+    with atomic_path(clinical_tsv) as tmp:
+        pd.DataFrame(clinical_rows, columns=CLINICAL_COLUMNS).to_csv(tmp, sep="\t", index=False)
+
+
+def crop_parameters(row: pd.Series) -> dict[str, int]:
+    """The Larynx region's box as LaryngealCT ``bbox3d`` voxels of this scan's grid (see above)."""
+    geo = _geometry(row)
+    cx, cy, cz = anatomy(row)["larynx_centre"]
+    sp, th = geo["pixel_spacing"], geo["slice_thickness"]
+    ox, oy, oz = geo["origin"]
+    x0 = math.floor((cx - LARYNX_RADIUS - ox) / sp)
+    x1 = math.ceil((cx + LARYNX_RADIUS - ox) / sp)
+    y0 = math.floor((cy - LARYNX_RADIUS - oy) / sp)
+    y1 = math.ceil((cy + LARYNX_RADIUS - oy) / sp)
+    z0 = math.floor((cz + LARYNX_Z[0] - oz) / th)
+    z1 = math.ceil((cz + LARYNX_Z[1] - oz) / th)
+    return {"x": x0, "y": y0, "z": z0, "size_x": x1 - x0 + 1, "size_y": y1 - y0 + 1, "size_z": z1 - z0 + 1}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _boolean(text: str) -> bool:
+    if text.strip().lower() in {"true", "1", "yes"}:
+        return True
+    if text.strip().lower() in {"false", "0", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-patients", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=1729)
+    parser.add_argument("--t4-fraction", type=float, default=0.35)
+    parser.add_argument("--broken-cases", type=_boolean, default=True, help="true/false")
+    parser.add_argument("--two-scan-patients", type=int, default=1)
+
+
+def _cohort_from_args(args) -> pd.DataFrame:
+    return plan_cohort(n_patients=args.n_patients, seed=args.seed, t4_fraction=args.t4_fraction,
+                       broken_cases=args.broken_cases, two_scan_patients=args.two_scan_patients)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hnct demo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_case = sub.add_parser("case", help="write one case's DICOM and manifest")
+    p_case.add_argument("--case", required=True)
+    p_case.add_argument("--out-root", default=DEFAULT_ROOT, help="DICOM root folder")
+    p_case.add_argument("--manifest", required=True, help="JSON manifest path")
+    p_case.add_argument("--plan-json", default="", help="the case's plan row as JSON (else re-planned)")
+    p_cohort = sub.add_parser("cohort", help="write metadata.csv and the clinical table")
+    p_cohort.add_argument("--out-root", default=DEFAULT_ROOT)
+    p_cohort.add_argument("--metadata-csv", required=True)
+    p_cohort.add_argument("--clinical-tsv", required=True)
+    p_all = sub.add_parser("all", help="write the whole cohort (DICOM, manifests, tables)")
+    p_all.add_argument("--out-root", default=DEFAULT_ROOT)
+    p_all.add_argument("--manifest-dir", default="", help="default: <out-root>/../cases")
+    for p in (p_case, p_cohort, p_all):
+        _plan_args(p)
+        p.add_argument("--log", default=None)
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+
+    if args.command == "case":
+        if args.plan_json:
+            row = pd.Series(json.loads(args.plan_json))
+            if row.get("case") != args.case:
+                parser.error(f"--plan-json is for case {row.get('case')!r}, not {args.case!r}")
+        else:
+            cohort = _cohort_from_args(args)
+            if args.case not in cohort.index:
+                parser.error(f"case {args.case!r} is not in the demo plan (seed {args.seed})")
+            row = cohort.loc[args.case]
+        manifest = write_case(row, args.out_root, args.manifest)
+        log.info("case %s (%s): %d files", args.case, row["demo_kind"], len(manifest["files"]))
+        return 0
+
+    cohort = _cohort_from_args(args)
+    root = Path(args.out_root)
+    if args.command == "all":
+        manifest_dir = Path(args.manifest_dir) if args.manifest_dir else root.parent / "cases"
+        start = time.perf_counter()
+        for case in progress(list(cohort.index), every=1, what="demo cases"):
+            write_case(cohort.loc[case], root, manifest_dir / f"{case}.json")
+        log.info("wrote %d cases in %.1f s", len(cohort), time.perf_counter() - start)
+        metadata_csv, clinical_tsv = root / "metadata.csv", root.parent / "clinical.tsv"
+    else:
+        metadata_csv, clinical_tsv = args.metadata_csv, args.clinical_tsv
+    write_cohort_tables(cohort, root, metadata_csv, clinical_tsv)
+    log.info("wrote %s and %s", metadata_csv, clinical_tsv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
