@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 PY := $(VENV)/bin/python
+# Rules call `python -m hnct.<stage>`: the venv's python must come first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAMP := $(VENV)/.hnct-installed
 
 .PHONY: install demo report test test-fast slurm clean

@@ -48,7 +48,9 @@ def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None) -> 
 
 def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True,
                   timeout: float = 1500) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"))
+    # Rules run `python -m hnct...`: the interpreter running the tests (the venv's) first on PATH.
+    env = dict(os.environ, PYTHONPATH=str(REPO / "workflow"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     proc = subprocess.run(
         snakemake_cmd(workdir, *args, configfile=configfile),
         cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,

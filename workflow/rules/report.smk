@@ -35,6 +35,9 @@ def report_crop_sidecars(wildcards):
     return expand("results/crops/{case}.json", case=CASES)
 
 
+# The published numbers live in the repository, not in the working directory.
+PUBLISHED_NUMBERS = str(Path(workflow.basedir) / "workflow/report/published_laryngealct.tsv")
+
 FIGURES = ["roc_pr", "confusion", "calibration", "training_curves", "segmentation_boxplots"]
 
 
@@ -50,7 +53,7 @@ rule aggregate_metrics:
     input:
         metrics=report_metric_files,
         predictions=report_prediction_files,
-        published="workflow/report/published_laryngealct.tsv",
+        published=PUBLISHED_NUMBERS,
     output:
         by_fold=report(
             "results/report/metrics_by_fold.csv",
