@@ -8,6 +8,7 @@ import sys
 STAGES = {
     "demo": "generate the synthetic demo cohort (DICOM CT + RTSTRUCT)",
     "fetch": "download a case's series from TCIA, or index a local DICOM folder",
+    "laryngealct": "LaryngealCT annotations: download (checksummed), build the cohort table",
     "convert": "DICOM series -> NRRD volume + label map",
     "crop": "1 mm isotropic laryngeal crop",
     "slices": "windowed axial slices (.npz, .jpg) and their index",
