@@ -222,3 +222,20 @@ def progress(iterable, total: int | None = None, every: int = 50, what: str = "i
         yield item
         if i % every == 0 or (total is not None and i == total):
             log.info("%s: %d/%s", what, i, total if total is not None else "?")
+
+
+def prepare_job_environment(package_dir: str | os.PathLike) -> None:
+    """Make the shell jobs of a Snakemake run find this hnct and the Python running Snakemake.
+
+    Rules call ``python -m hnct.<stage>``. Inside a SLURM job Snakemake parses the workflow
+    again, so this runs there too. ``package_dir`` (the folder holding ``hnct/``) goes first
+    on PYTHONPATH, so no install is needed on the cluster; the directory of the interpreter
+    running Snakemake goes first on PATH, so ``python`` is the one with hnct's dependencies
+    even when its virtual environment is not activated (a conda env made by ``--sdm conda``
+    puts its own ``bin`` in front of this and still wins).
+    """
+    package_dir = str(package_dir)
+    python_dir = os.path.dirname(sys.executable)
+    for variable, first in (("PYTHONPATH", package_dir), ("PATH", python_dir)):
+        rest = [p for p in os.environ.get(variable, "").split(os.pathsep) if p and p != first]
+        os.environ[variable] = os.pathsep.join([first, *rest])

@@ -256,15 +256,35 @@ def comparison_with_published(summary: pd.DataFrame, published_tsv: str | Path) 
     return pd.DataFrame(rows)
 
 
+TABLE_FILES = {
+    "by_fold": "metrics_by_fold.csv",
+    "summary": "metrics_summary.csv",
+    "markdown": "metrics_summary.md",
+    "latex": "metrics_summary.tex",
+    "comparison": "comparison_published.csv",
+    "comparison_md": "comparison_published.md",
+}
+FIGURE_FILES = {
+    "roc_pr": "roc_pr.png",
+    "confusion": "confusion.png",
+    "calibration": "calibration.png",
+    "training": "training_curves.png",
+    "segmentation": "segmentation_boxplots.png",
+}
+
+
 def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: str | Path,
-                 published_tsv: str | Path, n_bootstrap: int, seed: int) -> None:
-    out_dir = Path(out_dir)
+                 published_tsv: str | Path, n_bootstrap: int, seed: int,
+                 outputs: dict[str, str | Path] | None = None) -> None:
+    """Write the tables into ``out_dir`` under their standard names, or to ``outputs`` paths."""
+    out = {key: Path(out_dir) / name for key, name in TABLE_FILES.items()}
+    out.update({key: Path(path) for key, path in (outputs or {}).items()})
     by_fold = metrics_by_fold(metric_files)
     pooled = {key: read_predictions(files) for key, files in group_prediction_files(prediction_files).items()
               if key[0] == "classify"}
     summary = summary_table(by_fold, pooled, n_bootstrap=n_bootstrap, seed=seed)
-    _write_csv(by_fold, out_dir / "metrics_by_fold.csv")
-    _write_csv(summary, out_dir / "metrics_summary.csv")
+    _write_csv(by_fold, out["by_fold"])
+    _write_csv(summary, out["summary"])
     md, tex = [], []
     for task, title in (("classify", "T4 vs non-T4 classification (validation folds)"),
                         ("segment", "Slice segmentation, per-case 3D metrics (validation folds)")):
@@ -273,16 +293,14 @@ def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: 
             continue
         md.append(f"### {title}\n\nmean ± SD across folds [95 % bootstrap CI, pooled out-of-fold]\n\n" + markdown(table))
         tex.append(latex(table, title))
-    _write_text("\n".join(md) or "_no results_\n", out_dir / "metrics_summary.md")
-    _write_text("\n".join(tex) or "% no results\n", out_dir / "metrics_summary.tex")
+    _write_text("\n".join(md) or "_no results_\n", out["markdown"])
+    _write_text("\n".join(tex) or "% no results\n", out["latex"])
     comparison = comparison_with_published(summary, published_tsv)
-    _write_csv(comparison, out_dir / "comparison_published.csv")
-    cmp_table = comparison.pivot(index="model", columns="metric", values="this_run_mean") if not comparison.empty else pd.DataFrame()
+    _write_csv(comparison, out["comparison"])
     lines = ["| model | metric | this run (mean over folds) | published (LaryngealCT test) |", "|---|---|---|---|"]
     for _, row in comparison.iterrows():
         lines.append(f"| {row['model']} | {row['metric']} | {_fmt(row['this_run_mean'])} | {_fmt(row['published_test'])} |")
-    _write_text("\n".join(lines) + "\n", out_dir / "comparison_published.md")
-    del cmp_table
+    _write_text("\n".join(lines) + "\n", out["comparison_md"])
 
 
 def _fmt(value: float) -> str:
@@ -539,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     tables.add_argument("--metrics", nargs="*", default=[])
     tables.add_argument("--predictions", nargs="*", default=[])
     tables.add_argument("--published", required=True)
-    tables.add_argument("--out-dir", required=True)
+    tables.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<table> is given")
+    for key in TABLE_FILES:
+        tables.add_argument(f"--out-{key.replace('_', '-')}", dest=f"out_{key}", default=None)
     tables.add_argument("--bootstrap", type=int, default=1000)
     tables.add_argument("--seed", type=int, default=7)
 
@@ -547,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     figures.add_argument("--predictions", nargs="*", default=[])
     figures.add_argument("--histories", nargs="*", default=[])
     figures.add_argument("--per-case", nargs="*", default=[])
-    figures.add_argument("--out-dir", required=True)
+    figures.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<figure> is given")
+    for key in FIGURE_FILES:
+        figures.add_argument(f"--out-{key.replace('_', '-')}", dest=f"out_{key}", default=None)
     figures.add_argument("--dpi", type=int, default=110)
     figures.add_argument("--font-size", type=float, default=10)
 
@@ -569,15 +591,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     style = {"dpi": getattr(args, "dpi", 110), "font_size": getattr(args, "font_size", 10)}
     if args.command == "tables":
-        write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed)
+        outputs = {key: getattr(args, f"out_{key}") for key in TABLE_FILES if getattr(args, f"out_{key}")}
+        write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed, outputs)
     elif args.command == "figures":
-        out = Path(args.out_dir)
+        out = {key: getattr(args, f"out_{key}") or Path(args.out_dir) / name for key, name in FIGURE_FILES.items()}
         classify_predictions = [p for p in args.predictions if Path(p).parts[-4] == "classify"]
-        plot_roc_pr(classify_predictions, out / "roc_pr.png", style)
-        plot_confusion(classify_predictions, out / "confusion.png", style)
-        plot_calibration(classify_predictions, out / "calibration.png", style)
-        plot_training_curves(args.histories, out / "training_curves.png", style)
-        plot_segmentation_boxes(args.per_case, out / "segmentation_boxplots.png", style)
+        plot_roc_pr(classify_predictions, out["roc_pr"], style)
+        plot_confusion(classify_predictions, out["confusion"], style)
+        plot_calibration(classify_predictions, out["calibration"], style)
+        plot_training_curves(args.histories, out["training"], style)
+        plot_segmentation_boxes(args.per_case, out["segmentation"], style)
     elif args.command == "cohort":
         plot_cohort(args.cohort, args.exclusions, args.out_png, args.out_csv, style)
     elif args.command == "crop-qa":

@@ -3,6 +3,7 @@
 
 import glob
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,11 +14,11 @@ from snakemake.utils import validate
 # parses this file again) import it from here, so no install is needed on the cluster.
 HNCT_DIR = Path(workflow.basedir) / "workflow"
 sys.path.insert(0, str(HNCT_DIR))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in [str(HNCT_DIR), os.environ.get("PYTHONPATH", "")] if p
-)
 
 import hnct.cohort  # noqa: E402
+import hnct.common  # noqa: E402
+
+hnct.common.prepare_job_environment(HNCT_DIR)
 
 
 validate(config, schema="../../config/schema.yaml", set_default=True)
@@ -50,16 +51,17 @@ wildcard_constraints:
 
 
 def code_version(*modules):
-    """A hash of the hnct modules a rule runs: in ``params`` it makes a code change rerun the rule.
+    """A hash of the hnct modules a job runs; in ``params`` it makes a code change rerun the job.
 
     Snakemake tracks params, inputs and script files itself, not the modules a shell
     command imports; this brings the stage's own code (and hnct.common) into its params.
     """
     digest = hashlib.sha256()
     for module in ("common",) + modules:
-        path = HNCT_DIR / "hnct" / (module.replace(".", "/") + ".py")
+        parts = module.split(".")
+        path = HNCT_DIR.joinpath("hnct", *parts[:-1], parts[-1] + ".py")
         if not path.exists():
-            path = HNCT_DIR / "hnct" / module.replace(".", "/") / "__init__.py"
+            path = HNCT_DIR.joinpath("hnct", *parts, "__init__.py")
         digest.update(module.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -76,7 +78,9 @@ def get_case_dicom(wildcards):
         return [f"{DICOM_ROOT}/{f}" for f in hnct.demo.case_files(row)]
     if SOURCE == "local":
         folder = Path(DICOM_ROOT) / row["dicom_dir"]
-        files = sorted(p for p in glob.glob(f"{folder}/**/*", recursive=True) if os.path.isfile(p))
+        files = sorted(
+            p for p in glob.glob(f"{folder}/**/*", recursive=True) if os.path.isfile(p)
+        )
         # A missing or empty folder is not a DAG error: convert excludes the case with the reason.
         return files
     return [f"results/fetch/{wildcards.case}.json"]
@@ -84,11 +88,17 @@ def get_case_dicom(wildcards):
 
 def get_case_dicom_dir(wildcards):
     row = case_row(wildcards)
-    return str(Path(DICOM_ROOT) / row["dicom_dir"]) if row["dicom_dir"] else str(Path(DICOM_ROOT))
+    return (
+        str(Path(DICOM_ROOT) / row["dicom_dir"])
+        if row["dicom_dir"]
+        else str(Path(DICOM_ROOT))
+    )
 
 
 def get_upstream_fetch(wildcards):
-    return f"results/fetch/{wildcards.case}.json" if SOURCE in ("tcia", "manifest") else ""
+    return (
+        f"results/fetch/{wildcards.case}.json" if SOURCE in ("tcia", "manifest") else ""
+    )
 
 
 def models_for(task):
@@ -108,3 +118,71 @@ def get_final_output():
         )
     outputs += get_report_outputs()
     return outputs
+
+
+# --- report inputs (workflow/rules/report.smk) ---
+
+# The published numbers live in the repository, not in the working directory.
+PUBLISHED_NUMBERS = str(
+    Path(workflow.basedir) / "workflow/report/published_laryngealct.tsv"
+)
+
+
+def report_metric_files(wildcards):
+    return [
+        f"results/evaluate/{task}/{model}/fold{fold}/metrics.json"
+        for task in TASKS
+        for model in models_for(task)
+        for fold in FOLDS
+    ]
+
+
+def report_train_files(name):
+    return [
+        f"results/train/{task}/{model}/fold{fold}/{name}"
+        for task in TASKS
+        for model in models_for(task)
+        for fold in FOLDS
+    ]
+
+
+def report_prediction_files(wildcards):
+    return [f for f in report_train_files("val_predictions.csv") if "/classify/" in f]
+
+
+def report_history_files(wildcards):
+    return report_train_files("history.csv")
+
+
+def report_per_case_files(wildcards):
+    return [
+        f.replace("metrics.json", "per_case.csv")
+        for f in report_metric_files(wildcards)
+        if "/segment/" in f
+    ]
+
+
+def report_crop_sidecars(wildcards):
+    return expand("results/crops/{case}.json", case=CASES)
+
+
+# The published numbers live in the repository, not in the working directory.
+PUBLISHED_NUMBERS = str(
+    Path(workflow.basedir) / "workflow/report/published_laryngealct.tsv"
+)
+
+FIGURES = [
+    "roc_pr",
+    "confusion",
+    "calibration",
+    "training_curves",
+    "segmentation_boxplots",
+]
+
+
+def get_report_outputs():
+    return [
+        "results/report/metrics_summary.csv",
+        "results/report/cohort.png",
+        "results/report/crop_qa.png",
+    ] + expand("results/report/{figure}.png", figure=FIGURES)

@@ -22,6 +22,10 @@ if SOURCE == "demo":
                 manifest=f"results/demo/cases/{_case}.json",
             log:
                 f"logs/demo_case/{_case}.log",
+            # On a cluster each case's demo → convert → crop → slices chain is one component
+            # of the profile's preprocess group (the per-case rule names can't be listed there).
+            group:
+                "preprocess"
             conda:
                 "../../envs/dicom.yaml"
             threads: 1

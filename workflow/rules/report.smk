@@ -1,54 +1,6 @@
 # The paper's tables and figures from every evaluate output, marked for `snakemake --report`.
 
 
-def report_metric_files(wildcards):
-    return [
-        f"results/evaluate/{task}/{model}/fold{fold}/metrics.json"
-        for task in TASKS
-        for model in models_for(task)
-        for fold in FOLDS
-    ]
-
-
-def report_train_files(name):
-    return [
-        f"results/train/{task}/{model}/fold{fold}/{name}"
-        for task in TASKS
-        for model in models_for(task)
-        for fold in FOLDS
-    ]
-
-
-def report_prediction_files(wildcards):
-    return [f for f in report_train_files("val_predictions.csv") if "/classify/" in f]
-
-
-def report_history_files(wildcards):
-    return report_train_files("history.csv")
-
-
-def report_per_case_files(wildcards):
-    return [f for f in report_metric_files(wildcards) if "/segment/" in f]
-
-
-def report_crop_sidecars(wildcards):
-    return expand("results/crops/{case}.json", case=CASES)
-
-
-# The published numbers live in the repository, not in the working directory.
-PUBLISHED_NUMBERS = str(Path(workflow.basedir) / "workflow/report/published_laryngealct.tsv")
-
-FIGURES = ["roc_pr", "confusion", "calibration", "training_curves", "segmentation_boxplots"]
-
-
-def get_report_outputs():
-    return [
-        "results/report/metrics_summary.csv",
-        "results/report/cohort.png",
-        "results/report/crop_qa.png",
-    ] + expand("results/report/{figure}.png", figure=FIGURES)
-
-
 rule aggregate_metrics:
     input:
         metrics=report_metric_files,
@@ -73,11 +25,6 @@ rule aggregate_metrics:
             caption="../report/comparison_published.rst",
         ),
         comparison_md="results/report/comparison_published.md",
-    params:
-        out_dir="results/report",
-        bootstrap=config["report"]["bootstrap"],
-        seed=config["report"]["seed"],
-        code=code_version("report", "metrics.classification"),
     log:
         "logs/aggregate_metrics/all.log",
     conda:
@@ -86,10 +33,17 @@ rule aggregate_metrics:
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        bootstrap=config["report"]["bootstrap"],
+        seed=config["report"]["seed"],
+        code=code_version("report", "metrics.classification"),
     shell:
         "python -m hnct.report --log {log} tables --metrics {input.metrics}"
         " --predictions {input.predictions} --published {input.published}"
-        " --out-dir {params.out_dir} --bootstrap {params.bootstrap} --seed {params.seed}"
+        " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q}"
+        " --out-markdown {output.markdown:q} --out-latex {output.latex:q}"
+        " --out-comparison {output.comparison:q} --out-comparison-md {output.comparison_md:q}"
+        " --bootstrap {params.bootstrap} --seed {params.seed}"
 
 
 rule plot_results:
@@ -124,11 +78,6 @@ rule plot_results:
             caption="../report/segmentation_boxplots.rst",
         ),
         svg=expand("results/report/{figure}.svg", figure=FIGURES),
-    params:
-        out_dir="results/report",
-        dpi=config["report"]["dpi"],
-        font_size=config["report"]["font_size"],
-        code=code_version("report"),
     log:
         "logs/plot_results/all.log",
     conda:
@@ -137,10 +86,16 @@ rule plot_results:
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        dpi=config["report"]["dpi"],
+        font_size=config["report"]["font_size"],
+        code=code_version("report"),
     shell:
         "python -m hnct.report --log {log} figures --predictions {input.predictions}"
-        " --histories {input.histories} --per-case {input.per_case} --out-dir {params.out_dir}"
-        " --dpi {params.dpi} --font-size {params.font_size}"
+        " --histories {input.histories} --per-case {input.per_case}"
+        " --out-roc-pr {output.roc_pr:q} --out-confusion {output.confusion:q}"
+        " --out-calibration {output.calibration:q} --out-training {output.training:q}"
+        " --out-segmentation {output.segmentation:q} --dpi {params.dpi} --font-size {params.font_size}"
 
 
 rule plot_cohort:
@@ -159,10 +114,6 @@ rule plot_cohort:
             category="Cohort",
             caption="../report/cohort_table.rst",
         ),
-    params:
-        dpi=config["report"]["dpi"],
-        font_size=config["report"]["font_size"],
-        code=code_version("report"),
     log:
         "logs/plot_cohort/all.log",
     conda:
@@ -171,6 +122,10 @@ rule plot_cohort:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        dpi=config["report"]["dpi"],
+        font_size=config["report"]["font_size"],
+        code=code_version("report"),
     shell:
         "python -m hnct.report --log {log} cohort --cohort {input.cohort} --exclusions {input.exclusions}"
         " --out-png {output.png} --out-csv {output.table} --dpi {params.dpi} --font-size {params.font_size}"
@@ -186,10 +141,6 @@ rule plot_crop_qa:
             caption="../report/crop_qa.rst",
         ),
         svg="results/report/crop_qa.svg",
-    params:
-        dpi=config["report"]["dpi"],
-        font_size=config["report"]["font_size"],
-        code=code_version("report"),
     log:
         "logs/plot_crop_qa/all.log",
     conda:
@@ -198,6 +149,10 @@ rule plot_crop_qa:
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        dpi=config["report"]["dpi"],
+        font_size=config["report"]["font_size"],
+        code=code_version("report"),
     shell:
         "python -m hnct.report --log {log} crop-qa --crops {input.crops} --out-png {output.png}"
         " --dpi {params.dpi} --font-size {params.font_size}"
