@@ -186,3 +186,45 @@ def get_report_outputs():
         "results/report/cohort.png",
         "results/report/crop_qa.png",
     ] + expand("results/report/{figure}.png", figure=FIGURES)
+
+
+# --- training inputs (workflow/rules/train.smk) ---
+
+TRAIN_SHARED_KEYS = ("seed", "device", "num_workers", "checkpoint_every")
+# What the trainer gets as --config: the task's section plus the shared keys (a change reruns it).
+TRAIN_CONFIG_JSON = {
+    task: json.dumps(
+        {
+            **{key: config["train"][key] for key in TRAIN_SHARED_KEYS},
+            **config["train"][task],
+        },
+        sort_keys=True,
+    )
+    for task in ("classify", "segment")
+}
+
+
+def get_train_inputs(wildcards):
+    """Fold table and per-case sidecars of one training job (the other task's inputs are empty)."""
+    if wildcards.task == "segment":
+        return {
+            "folds": "results/folds/segment/folds.tsv",
+            "fold_slices": f"results/folds/segment/fold{wildcards.fold}_slices.tsv",
+            "crops": [],
+            "slices": expand("results/slices/{case}.json", case=CASES),
+        }
+    return {
+        "folds": f"results/folds/{wildcards.task}/folds.tsv",
+        "fold_slices": [],
+        "crops": expand("results/crops/{case}.json", case=CASES),
+        "slices": [],
+    }
+
+
+def get_train_config(wildcards):
+    return TRAIN_CONFIG_JSON[wildcards.task]
+
+
+def train_runtime(wildcards, attempt):
+    """Minutes; each retry asks for more (and resumes from the checkpoint)."""
+    return config["resources"]["train_runtime_min"] * attempt
