@@ -239,3 +239,16 @@ def prepare_job_environment(package_dir: str | os.PathLike) -> None:
     for variable, first in (("PYTHONPATH", package_dir), ("PATH", python_dir)):
         rest = [p for p in os.environ.get(variable, "").split(os.pathsep) if p and p != first]
         os.environ[variable] = os.pathsep.join([first, *rest])
+
+
+def read_image(case: str, path: str | os.PathLike, what: str):
+    """A SimpleITK image of one case, or an InputError naming the case, the file and what it was."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(case, path, f"{what} file is missing")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(case, path, f"cannot read {what}: {str(err).strip().splitlines()[-1]}") from err

@@ -37,7 +37,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from hnct.cohort import tcia_patient_id
-from hnct.common import InputError, atomic_path, read_sidecar, run_case_stage, setup_logging
+from hnct.common import InputError, atomic_path, read_image, read_sidecar, run_case_stage, setup_logging
 
 log = logging.getLogger("hnct.crop")
 
@@ -298,16 +298,6 @@ def find_lps_row(table: pd.DataFrame, case: str, table_path: str | Path) -> pd.S
 # --------------------------------------------------------------------------- the stage
 
 
-def _read_image(case: str, path: str | Path, what: str) -> sitk.Image:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(case, path, f"{what} file is missing")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise InputError(case, path, f"cannot read {what}: {str(err).strip().splitlines()[-1]}") from err
-
-
 def _label_values(labels: dict[str, str], structures: list[str]) -> tuple[list[int], list[str]]:
     by_name = {name.lower(): int(value) for value, name in labels.items()}
     values, missing = [], []
@@ -396,8 +386,8 @@ def crop_case(
 
     def work() -> dict[str, Any]:
         upstream = read_sidecar(source_sidecar)
-        volume = _read_image(case, upstream["volume"], "volume")
-        label = _read_image(case, upstream["label"], "label map") if upstream.get("label") else None
+        volume = read_image(case, upstream["volume"], "volume")
+        label = read_image(case, upstream["label"], "label map") if upstream.get("label") else None
         box_min, box_max, box_source, box_detail = place_box(
             case, upstream, volume, label, method, table, table_format, structures, margin_mm,
         )

@@ -37,7 +37,7 @@ import pandas as pd
 import SimpleITK as sitk
 from PIL import Image
 
-from hnct.common import InputError, atomic_path, progress, read_sidecar, run_case_stage, setup_logging
+from hnct.common import InputError, atomic_path, progress, read_image, read_sidecar, run_case_stage, setup_logging
 
 log = logging.getLogger("hnct.slices")
 
@@ -122,16 +122,6 @@ def write_jpg(path: Path, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
 
 
-def _read_image(case: str, path: str | Path, what: str) -> sitk.Image:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(case, path, f"{what} file is missing")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise InputError(case, path, f"cannot read {what}: {str(err).strip().splitlines()[-1]}") from err
-
-
 def _clear_old_slices(slice_dir: Path, case: str) -> None:
     """Remove a previous run's slice files of this case (a new run may have fewer slices)."""
     if slice_dir.is_dir():
@@ -160,13 +150,13 @@ def export_slices(
 
     def work() -> dict[str, Any]:
         upstream = read_sidecar(source_sidecar)
-        image = _read_image(case, upstream["volume"], "volume")
+        image = read_image(case, upstream["volume"], "volume")
         hu = sitk.GetArrayFromImage(image)  # (z, y, x)
         if hu.ndim != 3:
             raise InputError(case, upstream["volume"], f"expected a 3D volume, got {hu.ndim}D")
         labels = {int(v): name for v, name in (upstream.get("labels") or {}).items()}
         if upstream.get("label"):
-            label_image = _read_image(case, upstream["label"], "label map")
+            label_image = read_image(case, upstream["label"], "label map")
             mask = sitk.GetArrayFromImage(label_image).astype(np.uint8)
             if mask.shape != hu.shape:
                 raise InputError(case, upstream["label"], f"label map shape {mask.shape} differs from volume {hu.shape}")
