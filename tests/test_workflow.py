@@ -118,9 +118,15 @@ def test_crops_are_1mm_and_hold_the_planted_larynx(demo_run):
         # The tumour (GTVp) lies wholly inside the crop: its voxels in the crop == its planted voxels.
         assert (label == values["GTVp"]).any(), sidecar["case"]
         planted = manifest["truth"]
-        centre = np.asarray(planted["tumour_centre_lps"], float)
-        index = crop.TransformPhysicalPointToContinuousIndex(centre.tolist())
-        assert all(0 <= i <= s - 1 for i, s in zip(index, crop.GetSize())), (sidecar["case"], index)
+        # The planted tumour centre and every corner of the cartilage framework's box lie in the crop.
+        box = planted["cartilage_box_lps"]
+        points = [planted["tumour"]["centre_lps"]] + [
+            [x, y, z] for x in (box["min"][0], box["max"][0]) for y in (box["min"][1], box["max"][1])
+            for z in (box["min"][2], box["max"][2])
+        ]
+        for point in points:
+            index = crop.TransformPhysicalPointToContinuousIndex([float(v) for v in point])
+            assert all(-0.5 <= i <= s - 0.5 for i, s in zip(index, crop.GetSize())), (sidecar["case"], point, index)
         hu = sitk.GetArrayFromImage(crop)
         assert hu.max() > 200, "cartilage (> 200 HU) must be inside the crop"
         checked += 1
