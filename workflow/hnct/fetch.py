@@ -436,7 +436,7 @@ def index_folder(root: str | Path, collection: str = "") -> pd.DataFrame:
     first folder level under ``root`` unless given. A patient with several CT series gets cases
     ``<PatientID>-01``, ``-02`` ... in (SeriesNumber, SeriesInstanceUID) order.
     """
-    from hnct import dicomio  # SimpleITK comes with it: imported here, the fetch env does not need it
+    from hnct import dicomio  # SimpleITK comes with it; imported here so `fetch case` starts fast
 
     root = Path(root)
     index = dicomio.index_series(root)
