@@ -64,9 +64,18 @@ def test_summary_is_recomputable_from_the_fold_table(fold_outputs):
     # Paper tables and the published comparison are written.
     assert "| cnn3d |" in (out / "metrics_summary.md").read_text()
     assert r"\begin{tabular}" in (out / "metrics_summary.tex").read_text()
-    comparison = pd.read_csv(out / "comparison_published.csv")
-    published = comparison[(comparison["model"] == "resnet18") & (comparison["metric"] == "auc")]
-    assert published["published_test"].iloc[0] == pytest.approx(0.8923124805477747)
+    comparison = pd.read_csv(out / "comparison_published.csv").set_index(["model", "setting", "metric"])
+    # by evaluation kind: the published single-best-fold test AUC (no test set in this run)...
+    best_fold = comparison.loc[("resnet18", "test_best_fold", "auc")]
+    assert best_fold["published"] == pytest.approx(0.8923124805477747) and np.isnan(best_fold["this_run"])
+    # ...and this run's CV mean beside the mean of the published per-fold validation AUCs
+    published = pd.read_csv(PUBLISHED, sep="\t", comment="#")
+    val_folds = published[(published["model"] == "resnet18") & published["setting"].str.startswith("val_fold")]
+    cv = comparison.loc[("resnet18", "cv", "auc")]
+    assert cv["published"] == pytest.approx(val_folds["auc"].mean()) and cv["published_n"] == 5
+    assert cv["this_run"] == pytest.approx(auc["resnet18"], abs=1e-12)
+    # the metrics_test table exists with its header and no rows when no ensemble is given
+    assert pd.read_csv(out / "metrics_test.csv").empty
 
 
 def test_bootstrap_is_seeded(fold_outputs):

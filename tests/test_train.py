@@ -132,9 +132,13 @@ def test_outputs_follow_the_contract(tmp_path):
     best = torch.load(out / "best.pt", weights_only=False)
     assert {"model_state", "model", "task", "config", "epoch", "versions"} <= set(best)
     assert best["model"] == "cnn3d" and best["task"] == "classify" and best["epoch"] in (1, 2)
+    # no test set in this folds.tsv: the declared test predictions are the header alone
+    test_predictions = pd.read_csv(out / "test_predictions.csv")
+    assert test_predictions.empty and list(test_predictions.columns) == list(predictions.columns)
+    assert best["cases"]["test"] == [] and sorted(best["cases"]["val"]) == sorted(predictions["case"])
 
     # a rerun with another config (what Snakemake does after a params change) starts over, not resumes
-    for declared in ("best.pt", "history.csv", "val_predictions.csv"):
+    for declared in ("best.pt", "history.csv", "val_predictions.csv", "test_predictions.csv"):
         (out / declared).unlink()
     train_fold("classify", "cnn3d", 1, out, classify_cfg(epochs=2, lr=1e-4), folds_tsv=folds_tsv,
                crop_sidecars=sidecars)
@@ -187,7 +191,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
     checkpoint = torch.load(last, weights_only=False)
     stopped_at = checkpoint["epoch"]
     assert 1 <= stopped_at < 6, "the run finished before the signal: make the test set bigger"
-    for declared in ("best.pt", "history.csv", "val_predictions.csv"):
+    for declared in ("best.pt", "history.csv", "val_predictions.csv", "test_predictions.csv"):
         assert not (out / declared).exists(), f"{declared} written before training finished"
 
     rerun = subprocess.run(command, env=env, timeout=300)
@@ -197,6 +201,88 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
     # epochs before the stop come from the checkpoint, not from a second run
     assert history.loc[: stopped_at - 1, "train_loss"].tolist() == [h["train_loss"] for h in checkpoint["history"]]
     assert f"epoch {stopped_at} done" in (tmp_path / "train.log").read_text()
+
+
+def test_resume_only_from_a_checkpoint_of_the_same_config_and_code(tmp_path, monkeypatch, caplog):
+    """last.pt carries a fingerprint (task, model, --config JSON, trainer code hash); a rerun resumes
+    only when it matches, otherwise starts from epoch 1 and says why."""
+    import logging
+
+    import hnct.train as htrain
+
+    caplog.set_level(logging.INFO, logger="hnct.train")
+
+    folds_tsv, sidecars = make_cohort(tmp_path, n_cases=8)
+    out = tmp_path / "out"
+    cfg = classify_cfg(epochs=2, patience=5)
+    declared = ("best.pt", "history.csv", "val_predictions.csv", "test_predictions.csv")
+
+    def rerun(config) -> pd.DataFrame:
+        for name in declared:  # Snakemake removes a rerun job's outputs, not the checkpoints
+            (out / name).unlink()
+        caplog.clear()
+        train_fold("classify", "cnn3d", 0, out, config, folds_tsv=folds_tsv, crop_sidecars=sidecars)
+        return pd.read_csv(out / "history.csv")
+
+    train_fold("classify", "cnn3d", 0, out, cfg, folds_tsv=folds_tsv, crop_sidecars=sidecars)
+    first = pd.read_csv(out / "history.csv")
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["fingerprint"] == htrain.run_fingerprint("classify", "cnn3d", cfg)
+    assert checkpoint["fingerprint"]["code"] == htrain.trainer_code_hash() and len(checkpoint["fingerprint"]["code"]) == 64
+
+    # same config and code: resumed, nothing retrained (the history is the checkpoint's, seconds included)
+    same = rerun(cfg)
+    assert "resumed from" in caplog.text
+    pd.testing.assert_frame_equal(same, first)
+
+    # the trainer's code changed: not resumed, trained again from epoch 1, and the log says why
+    monkeypatch.setattr(htrain, "trainer_code_hash", lambda: "0" * 64)
+    changed = rerun(cfg)
+    err = caplog.text
+    assert "not resuming" in err and "trainer code" in err and "resumed from" not in err
+    assert list(changed["epoch"]) == [1, 2] and not np.allclose(changed["seconds"], first["seconds"])
+    monkeypatch.undo()
+
+    # another --config JSON (here only checkpoint_every, which the old config check also saw)
+    other = rerun({**cfg, "checkpoint_every": 2})
+    err = caplog.text
+    assert "not resuming" in err and "--config JSON" in err and list(other["epoch"]) == [1, 2]
+
+    # a checkpoint without a fingerprint (an older trainer) is not resumed either
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    del last["fingerprint"]
+    torch.save(last, out / "checkpoints" / "last.pt")
+    rerun({**cfg, "checkpoint_every": 2})
+    assert "no fingerprint" in caplog.text
+
+
+def test_workflow_finds_the_sidecars_of_the_cases_in_the_fold_table(tmp_path):
+    """crops_dir (what the rule passes) gives the same run as the explicit sidecar list."""
+    folds_tsv, sidecars = make_cohort(tmp_path, n_cases=8)
+    train_fold("classify", "cnn3d", 0, tmp_path / "listed", classify_cfg(epochs=1), folds_tsv=folds_tsv,
+               crop_sidecars=sidecars)
+    train_fold("classify", "cnn3d", 0, tmp_path / "dir", classify_cfg(epochs=1), folds_tsv=folds_tsv,
+               crops_dir=tmp_path / "crops")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "listed" / "val_predictions.csv"),
+                                  pd.read_csv(tmp_path / "dir" / "val_predictions.csv"))
+    # a case of the table without its sidecar in that folder is an error naming the case
+    (tmp_path / "crops" / "case003.json").unlink()
+    with pytest.raises(Exception, match="case003"):
+        train_fold("classify", "cnn3d", 0, tmp_path / "missing", classify_cfg(epochs=1), folds_tsv=folds_tsv,
+                   crops_dir=tmp_path / "crops")
+
+
+def test_crops_index_changes_when_a_sidecar_does(tmp_path):
+    _, sidecars = make_cohort(tmp_path, n_cases=4)
+    first = hdata.write_sidecar_index(sidecars, tmp_path / "index.tsv")
+    assert list(first.columns) == ["case", "status", "sidecar", "sha256"] and list(first["status"]) == ["ok"] * 4
+    before = (tmp_path / "index.tsv").read_bytes()
+    sidecar = json.loads(Path(sidecars[1]).read_text())
+    write_json(sidecars[1], {**sidecar, "crop_box": [1, 2, 3]})
+    hdata.write_sidecar_index(sidecars, tmp_path / "index.tsv")
+    after = pd.read_csv(tmp_path / "index.tsv", sep="\t")
+    assert (tmp_path / "index.tsv").read_bytes() != before
+    assert list(after["sha256"] != first["sha256"]) == [False, True, False, False]
 
 
 # ---------------------------------------------------------------- segment
@@ -257,7 +343,12 @@ def test_segment_runs_through_the_same_trainer(tmp_path, model_name):
            "epochs": 2, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4, "patience": 10,
            "structure": "GTVn", "snet_width": 4, "unet_features": [4, 4, 8, 16, 32, 4], "augment": True}
     out = tmp_path / model_name
-    train_fold("segment", model_name, 0, out, cfg, fold_slices_tsv=tsv, slice_sidecars=sidecars)
+    if model_name == "unet":  # the workflow's way: the slices sidecars of the fold's cases from their folder
+        train_fold("segment", model_name, 0, out, cfg, fold_slices_tsv=tsv, slices_dir=tmp_path / "slices")
+    else:
+        train_fold("segment", model_name, 0, out, cfg, fold_slices_tsv=tsv, slice_sidecars=sidecars)
+    test_predictions = pd.read_csv(out / "test_predictions.csv")  # segment: no test-set prediction (yet)
+    assert test_predictions.empty and list(test_predictions.columns) == ["case", "slice", "prob_npz", "fold"]
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == HISTORY_COLUMNS["segment"] and list(history["epoch"]) == [1, 2]
     predictions = pd.read_csv(out / "val_predictions.csv")

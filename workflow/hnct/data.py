@@ -43,9 +43,24 @@ def read_fold_cases(folds_tsv: str | Path, fold: int) -> tuple[pd.DataFrame, pd.
     return folds[~is_val].reset_index(drop=True), folds[is_val].reset_index(drop=True)
 
 
+def read_test_cases(folds_tsv: str | Path) -> pd.DataFrame:
+    """The held-out test rows of ``folds.tsv`` (``fold == "test"``); empty when there is no test set."""
+    folds = pd.read_csv(folds_tsv, sep="\t", dtype={"fold": str, "case": str})
+    return folds[folds["fold"] == "test"].reset_index(drop=True)
+
+
 def sidecars_by_case(sidecar_paths: Sequence[str | Path]) -> dict[str, Path]:
     """``{case: sidecar path}`` from per-case sidecars named ``{case}.json``."""
     return {Path(p).stem: Path(p) for p in sidecar_paths}
+
+
+def sidecars_in(directory: str | Path, cases: Sequence[str]) -> dict[str, Path]:
+    """``{case: directory/{case}.json}``: the per-case sidecars of the cases a fold table lists.
+
+    The workflow's fold tables are built from every case's sidecar, so a training job depends on the
+    fold table alone and finds each listed case's sidecar here (``results/crops``, ``results/slices``).
+    """
+    return {str(case): Path(directory) / f"{case}.json" for case in cases}
 
 
 def fit_volume(volume: np.ndarray, shape: Sequence[int], fit: str) -> np.ndarray:
@@ -221,3 +236,49 @@ class ItemDataset(torch.utils.data.Dataset):
         out = {k: torch.as_tensor(data[k]).as_subclass(torch.Tensor) for k in self.keys}
         out["index"] = index
         return out
+
+
+# ---------------------------------------------------------------- crops index (rule index_crops)
+def write_sidecar_index(sidecar_paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
+    """``case, status, sidecar, sha256`` of every sidecar: one file that changes when any of them does.
+
+    The workflow's classification training depends on it when the crops are not upstream of
+    folds.tsv (``slices.source: volume``), instead of on every crop sidecar per training job.
+    """
+    import hashlib
+
+    from hnct.common import atomic_path
+
+    rows = []
+    for path in progress(sorted(Path(p) for p in sidecar_paths), every=500, what="sidecars indexed"):
+        sidecar = read_sidecar(path)
+        rows.append({"case": sidecar.get("case", path.stem), "status": sidecar.get("status", ""),
+                     "sidecar": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    table = pd.DataFrame(rows, columns=["case", "status", "sidecar", "sha256"])
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from hnct.common import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m hnct.data", description="index the crop sidecars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    index = sub.add_parser("index", help="case, status, sidecar, sha256 of every sidecar")
+    index.add_argument("--sidecars", nargs="*", default=[])
+    index.add_argument("--out", required=True)
+    index.add_argument("--log")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    table = write_sidecar_index(args.sidecars, args.out)
+    log.info("%d sidecars indexed in %s", len(table), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -14,6 +14,25 @@ and writes
 segment: hands the remaining arguments to :func:`hnct.segeval.main` (per-case 3D masks, Dice,
 HD95, NSD), e.g. ``--predictions --fold-slices --out-metrics --out-per-case --masks-dir
 --nsd-tolerance-mm --threshold --model --fold --log``.
+
+``python -m hnct.evaluate ensemble`` (rule ``ensemble_test``, classify, per model): the held-out
+test set (``fold == "test"`` in folds.tsv) predicted by every fold's best model
+(``results/train/classify/{model}/fold{k}/test_predictions.csv``). Writes
+
+* ``predictions.csv``: ``case, label, probability, n_folds, prob_fold{k}..., pred_at_0.5``, where
+  ``probability`` is the mean of the fold models' P(T4) (the 5-fold ensemble);
+* ``metrics.json``: the ensemble's metrics, the same keys as a fold's ``metrics.json``
+  (:func:`hnct.metrics.classification.evaluate_predictions`, headline threshold 0.5 on the averaged
+  probability; ``at_youden`` is chosen on the test predictions themselves, so it is optimistic),
+  ``setting: test_ensemble``, ``per_fold`` (each fold model's own test metrics with its validation
+  AUC and macro-F1) and ``best_fold``: the **single best fold**, the fold whose model has the highest
+  validation ROC-AUC (``auc`` of ``results/evaluate/classify/{model}/fold{k}/metrics.json``; ties:
+  higher validation macro-F1 at 0.5, then the lower fold number), with that model's test metrics.
+  This is the pair of rows the published LaryngealCT table reports (single best fold, 5-fold ensemble).
+
+No test set (``folds.test: none``, or no case marked test): every fold's test_predictions.csv is
+header-only; the ensemble writes a header-only ``predictions.csv`` and a ``metrics.json`` with
+``test_set: false`` and the reason, and logs it. The report then shows no test rows.
 """
 
 from __future__ import annotations
@@ -103,8 +122,127 @@ def evaluate_classify(predictions: str | Path, out_metrics: str | Path, out_per_
     return payload
 
 
+# ---------------------------------------------------------------- test-set ensemble
+BEST_FOLD_CRITERION = ("validation ROC-AUC of the fold's best model (metrics.json auc of the fold); "
+                       "ties: validation macro-F1 at 0.5, then the lower fold number")
+
+
+def read_test_predictions(path: str | Path, fold: int) -> pd.DataFrame:
+    """A fold model's ``test_predictions.csv``; header-only (no test set) gives an empty table."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: test predictions file does not exist")
+    table = pd.read_csv(path, dtype={"case": str})
+    missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
+    if missing:
+        raise PredictionsError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(PREDICTION_COLUMNS)})")
+    if table.empty:
+        return table
+    return read_classify_predictions(path, fold)
+
+
+def _score(value: Any) -> float:
+    return float(value) if value is not None and np.isfinite(float(value)) else -math.inf
+
+
+def choose_best_fold(val_metrics: list[dict[str, Any]]) -> int:
+    """The single best fold: see ``BEST_FOLD_CRITERION``. ``val_metrics``: each fold's metrics.json."""
+    ranked = sorted(val_metrics, key=lambda m: (-_score(m.get("auc")),
+                                                -_score((m.get(f"at_{DEFAULT_THRESHOLD:g}") or {}).get("f1_macro")),
+                                                int(m["fold"])))
+    return int(ranked[0]["fold"])
+
+
+def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Path], out_predictions: str | Path,
+                  out_metrics: str | Path, model: str, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """Average the fold models' test-set P(T4) per case; metrics of the ensemble and of every fold.
+
+    ``test_predictions[i]`` and ``val_metrics[i]`` belong to the same fold (its number read from the
+    metrics.json). Returns the metrics.json payload.
+    """
+    if len(test_predictions) != len(val_metrics) or not test_predictions:
+        raise PredictionsError(f"{model}: {len(test_predictions)} test prediction files but "
+                               f"{len(val_metrics)} validation metrics files")
+    from hnct.common import read_json
+
+    folds_val = [read_json(path) for path in val_metrics]
+    folds = [int(m["fold"]) for m in folds_val]
+    tables = [read_test_predictions(path, fold) for path, fold in zip(test_predictions, folds)]
+    best_fold = choose_best_fold(folds_val)
+    base = {"task": "classify", "model": model, "setting": "test_ensemble", "folds": folds,
+            "best_fold_criterion": BEST_FOLD_CRITERION, "threshold": float(threshold),
+            "test_predictions": [str(p) for p in test_predictions]}
+    fold_probability = [f"prob_fold{k}" for k in folds]
+    columns = ["case", "label", "probability", "n_folds", *fold_probability, f"pred_at_{threshold:g}"]
+    empty = [t.empty for t in tables]
+    if all(empty):
+        reason = "no test set: folds.tsv has no case with fold 'test' (folds.test: none, or none marked test)"
+        log.info("classify %s: %s; the ensemble has nothing to evaluate", model, reason)
+        with atomic_path(out_predictions, suffix=".csv") as tmp:
+            pd.DataFrame(columns=columns).to_csv(tmp, index=False, lineterminator="\n")
+        payload = {**base, "test_set": False, "n_cases": 0, "reason": reason, "best_fold": {"fold": best_fold},
+                   "per_fold": []}
+        write_json(out_metrics, _json_safe(payload))
+        return payload
+    if any(empty):
+        raise PredictionsError(f"{model}: test predictions of fold(s) "
+                               f"{[k for k, e in zip(folds, empty) if e]} are empty, others are not")
+    reference = tables[0][["case", "label"]]
+    for path, table in zip(test_predictions[1:], tables[1:]):
+        if not table[["case", "label"]].equals(reference):
+            raise PredictionsError(f"{path}: test cases or labels differ from {test_predictions[0]}")
+    labels = reference["label"].to_numpy(int)
+    stacked = np.stack([t["probability"].to_numpy(float) for t in tables])  # (folds, cases)
+    probability = stacked.mean(axis=0)
+    metrics = evaluate_predictions(labels, probability, default_threshold=threshold)
+    per_fold = []
+    for fold, val, row in zip(folds, folds_val, stacked):
+        fold_metrics = evaluate_predictions(labels, row, default_threshold=threshold)
+        per_fold.append({"fold": fold, "val_auc": val.get("auc"),
+                         "val_f1_macro": (val.get(f"at_{threshold:g}") or {}).get("f1_macro"), **fold_metrics})
+    best = next(entry for entry in per_fold if entry["fold"] == best_fold)
+    table = pd.DataFrame({"case": reference["case"], "label": labels, "probability": probability,
+                          "n_folds": len(tables), **dict(zip(fold_probability, stacked)),
+                          f"pred_at_{threshold:g}": (probability >= threshold).astype(int)}, columns=columns)
+    with atomic_path(out_predictions, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+    payload = {**base, "test_set": True, **metrics, "best_fold": best, "per_fold": per_fold}
+    write_json(out_metrics, _json_safe(payload))
+    log.info("classify %s test set: %d cases (%d T4); %d-fold ensemble AUC %.3f, macro-F1@%g %.3f; "
+             "single best fold %d (validation AUC %s): AUC %.3f, macro-F1@%g %.3f", model, metrics["n_cases"],
+             metrics["n_positive"], len(tables), metrics["auc"], threshold,
+             metrics[f"at_{threshold:g}"]["f1_macro"], best_fold, best["val_auc"], best["auc"], threshold,
+             best[f"at_{threshold:g}"]["f1_macro"])
+    return payload
+
+
+def ensemble_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hnct.evaluate ensemble",
+                                     description="test-set ensemble of the fold models (classify)")
+    parser.add_argument("--test-predictions", nargs="+", required=True,
+                        help="results/train/classify/{model}/fold{k}/test_predictions.csv, in fold order")
+    parser.add_argument("--val-metrics", nargs="+", required=True,
+                        help="results/evaluate/classify/{model}/fold{k}/metrics.json, same order")
+    parser.add_argument("--out-predictions", required=True)
+    parser.add_argument("--out-metrics", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    try:
+        ensemble_test(args.test_predictions, args.val_metrics, args.out_predictions, args.out_metrics,
+                      args.model, threshold=args.threshold)
+    except PredictionsError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ensemble"]:
+        return ensemble_main(argv[1:])
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", choices=["classify", "segment"])
     known, rest = first.parse_known_args(argv)

@@ -7,9 +7,16 @@ Tables (``results/report/``):
 ``metrics_summary.csv``   per task × model × metric: mean and SD across folds, and for
                           classification a 95 % percentile-bootstrap CI on the pooled
                           out-of-fold predictions (cases resampled with replacement, seeded).
-``metrics_summary.md`` / ``.tex``   the same table for papers.
+``metrics_test.csv``      classification on the held-out test set, per model × setting ×
+                          metric: ``test_ensemble`` (mean P(T4) of the fold models) and
+                          ``test_best_fold`` (the model of the fold with the best validation
+                          ROC-AUC, see hnct.evaluate), threshold 0.5, with a 95 % percentile-
+                          bootstrap CI over the test cases. No rows when there is no test set.
+``metrics_summary.md`` / ``.tex``   the CV table and, beside it, the test-set table, for papers.
 ``comparison_published.csv`` / ``.md``   this run beside the published LaryngealCT numbers
-                          (``workflow/report/published_laryngealct.tsv``, with its sources).
+                          (``workflow/report/published_laryngealct.tsv``, with its sources), by
+                          evaluation kind: ``cv`` (mean over validation folds; published: mean of
+                          its ``val_fold*`` rows), ``test_best_fold`` and ``test_ensemble``.
 
 Figures (PNG and SVG): ROC and PR curves per model with the fold spread, confusion matrices,
 training curves per model × fold, a reliability diagram, Dice/HD95 box plots, the cohort
@@ -238,27 +245,108 @@ def latex(table: pd.DataFrame, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_with_published(summary: pd.DataFrame, published_tsv: str | Path) -> pd.DataFrame:
-    """This run's classification means beside the published LaryngealCT test numbers per model."""
+COMPARISON_SETTINGS = ("cv", "test_best_fold", "test_ensemble")
+COMPARISON_COLUMNS = ["model", "setting", "metric", "this_run", "this_run_sd", "published", "published_n"]
+
+
+def comparison_with_published(summary: pd.DataFrame, published_tsv: str | Path,
+                              tests: pd.DataFrame | None = None) -> pd.DataFrame:
+    """This run beside the published LaryngealCT numbers, where the evaluation kind matches.
+
+    ``cv``: this run's mean (SD) over validation folds beside the mean of the published per-fold
+    validation rows (``val_fold*``; ``published_n`` of them). ``test_best_fold`` / ``test_ensemble``:
+    this run's test-set value beside the published test value of the same setting. A row is kept
+    when either side has a number.
+    """
     published = pd.read_csv(published_tsv, sep="\t", comment="#")
-    published = published[published["setting"] == "test_best_fold"].set_index("model")
-    rows = []
     ours = summary[summary["task"] == "classify"]
-    for model in sorted(set(published.index) | set(ours["model"])):
-        for metric in CLASSIFY_COLUMNS:
-            mine = ours[(ours["model"] == model) & (ours["metric"] == metric)]
-            rows.append({
-                "model": model, "metric": metric,
-                "this_run_mean": float(mine["mean"].iloc[0]) if len(mine) else math.nan,
-                "this_run_sd": float(mine["sd"].iloc[0]) if len(mine) else math.nan,
-                "published_test": float(published.loc[model, metric]) if model in published.index else math.nan,
-            })
-    return pd.DataFrame(rows)
+    tests = tests if tests is not None else pd.DataFrame(columns=TEST_COLUMNS)
+    tests = tests[tests["task"] == "classify"]
+    models = sorted(set(published["model"]) | set(ours["model"]) | set(tests["model"]))
+    rows = []
+    for model in models:
+        for setting in COMPARISON_SETTINGS:
+            if setting == "cv":
+                theirs = published[(published["model"] == model) & published["setting"].str.startswith("val_fold")]
+            else:
+                theirs = published[(published["model"] == model) & (published["setting"] == setting)]
+            for metric in CLASSIFY_COLUMNS:
+                if setting == "cv":
+                    mine = ours[(ours["model"] == model) & (ours["metric"] == metric)]
+                    value = float(mine["mean"].iloc[0]) if len(mine) else math.nan
+                    sd = float(mine["sd"].iloc[0]) if len(mine) else math.nan
+                else:
+                    mine = tests[(tests["model"] == model) & (tests["setting"] == setting) & (tests["metric"] == metric)]
+                    value, sd = (float(mine["value"].iloc[0]) if len(mine) else math.nan), math.nan
+                their = theirs[metric].astype(float) if metric in theirs else pd.Series(dtype=float)
+                their_value = float(their.mean()) if len(their) else math.nan
+                if not (np.isfinite(value) or np.isfinite(their_value)):
+                    continue
+                rows.append({"model": model, "setting": setting, "metric": metric, "this_run": value,
+                             "this_run_sd": sd, "published": their_value, "published_n": int(len(their))})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out test set (hnct.evaluate ensemble: results/evaluate/classify/{model}/test_ensemble/)
+
+TEST_SETTINGS = ("test_ensemble", "test_best_fold")
+TEST_COLUMNS = ["task", "model", "setting", "fold", "n_cases", "n_positive", "metric", "value", "ci_low", "ci_high"]
+
+
+def test_table(test_metric_files: Iterable[str | Path], n_bootstrap: int = 1000, seed: int = 7) -> pd.DataFrame:
+    """One row per model × setting × headline metric of the test set; none for a run without test set.
+
+    The value is read from the ensemble's ``metrics.json`` (the ensemble's own keys, or its
+    ``best_fold`` block); the CI is a percentile bootstrap over the test cases of ``predictions.csv``
+    beside it (column ``probability`` for the ensemble, ``prob_fold{k}`` for the best fold).
+    """
+    rows = []
+    for path in test_metric_files:
+        payload = read_json(path)
+        if not payload.get("test_set"):
+            log.info("%s: no test set (%s): no test rows for %s", path, payload.get("reason", ""), payload.get("model"))
+            continue
+        predictions = pd.read_csv(Path(path).with_name("predictions.csv"), dtype={"case": str})
+        best = payload["best_fold"]
+        for setting, block, fold, column in (
+                ("test_ensemble", payload, "+".join(str(k) for k in payload["folds"]), "probability"),
+                ("test_best_fold", best, str(best["fold"]), f"prob_fold{best['fold']}")):
+            flat = flatten(block)
+            cis = bootstrap_ci(predictions.assign(probability=predictions[column]), n_bootstrap=n_bootstrap,
+                               seed=seed)
+            for metric in CLASSIFY_COLUMNS:
+                key = headline_key(flat, metric)
+                low, high, _ = cis.get(metric, (math.nan, math.nan, math.nan))
+                rows.append({"task": payload["task"], "model": payload["model"], "setting": setting, "fold": fold,
+                             "n_cases": int(block["n_cases"]), "n_positive": int(block["n_positive"]),
+                             "metric": metric, "value": flat[key] if key else math.nan,
+                             "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=TEST_COLUMNS)
+
+
+def test_paper_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """Model × setting rows ("resnet18, 5-fold ensemble"), the headline metrics as columns."""
+    if tests.empty:
+        return pd.DataFrame()
+    def label(row):
+        if row["setting"] == "test_ensemble":
+            return f"{row['model']}, {len(row['fold'].split('+'))}-fold ensemble"
+        return f"{row['model']}, best fold ({row['fold']})"
+    cells = tests.assign(
+        row=tests.apply(label, axis=1),
+        cell=tests.apply(lambda r: format_cell({"mean": r["value"], "sd": math.nan, "ci_low": r["ci_low"],
+                                                "ci_high": r["ci_high"]}), axis=1))
+    table = cells.pivot(index="row", columns="metric", values="cell")
+    table = table[[m for m in CLASSIFY_COLUMNS if m in table.columns]].rename(columns=CLASSIFY_COLUMNS)
+    table.index.name = "model"
+    return table
 
 
 TABLE_FILES = {
     "by_fold": "metrics_by_fold.csv",
     "summary": "metrics_summary.csv",
+    "test": "metrics_test.csv",
     "markdown": "metrics_summary.md",
     "latex": "metrics_summary.tex",
     "comparison": "comparison_published.csv",
@@ -275,31 +363,48 @@ FIGURE_FILES = {
 
 def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: str | Path,
                  published_tsv: str | Path, n_bootstrap: int, seed: int,
-                 outputs: dict[str, str | Path] | None = None) -> None:
-    """Write the tables into ``out_dir`` under their standard names, or to ``outputs`` paths."""
+                 outputs: dict[str, str | Path] | None = None,
+                 test_metric_files: list[str] | None = None) -> None:
+    """Write the tables into ``out_dir`` under their standard names, or to ``outputs`` paths.
+
+    ``test_metric_files``: the test-set ensembles' ``metrics.json`` (with ``predictions.csv`` beside).
+    """
     out = {key: Path(out_dir) / name for key, name in TABLE_FILES.items()}
     out.update({key: Path(path) for key, path in (outputs or {}).items()})
     by_fold = metrics_by_fold(metric_files)
     pooled = {key: read_predictions(files) for key, files in group_prediction_files(prediction_files).items()
               if key[0] == "classify"}
     summary = summary_table(by_fold, pooled, n_bootstrap=n_bootstrap, seed=seed)
+    tests = test_table(test_metric_files or [], n_bootstrap=n_bootstrap, seed=seed)
+    if test_metric_files and tests.empty:
+        log.info("no test set in this run: the test-set table has no rows")
     _write_csv(by_fold, out["by_fold"])
     _write_csv(summary, out["summary"])
+    _write_csv(tests, out["test"])
     md, tex = [], []
     for task, title in (("classify", "T4 vs non-T4 classification (validation folds)"),
                         ("segment", "Slice segmentation, per-case 3D metrics (validation folds)")):
         table = paper_table(summary, task)
-        if table.empty:
-            continue
-        md.append(f"### {title}\n\nmean ± SD across folds [95 % bootstrap CI, pooled out-of-fold]\n\n" + markdown(table))
-        tex.append(latex(table, title))
+        if not table.empty:
+            md.append(f"### {title}\n\nmean ± SD across folds [95 % bootstrap CI, pooled out-of-fold]\n\n"
+                      + markdown(table))
+            tex.append(latex(table, title))
+        if task == "classify" and not tests.empty:  # the test set beside the classification CV table
+            title = "T4 vs non-T4 classification (held-out test set)"
+            table = test_paper_table(tests)
+            md.append(f"### {title}\n\nthreshold 0.5 [95 % bootstrap CI over test cases]; best fold: highest "
+                      "validation AUC\n\n" + markdown(table))
+            tex.append(latex(table, title))
     _write_text("\n".join(md) or "_no results_\n", out["markdown"])
     _write_text("\n".join(tex) or "% no results\n", out["latex"])
-    comparison = comparison_with_published(summary, published_tsv)
+    comparison = comparison_with_published(summary, published_tsv, tests)
     _write_csv(comparison, out["comparison"])
-    lines = ["| model | metric | this run (mean over folds) | published (LaryngealCT test) |", "|---|---|---|---|"]
+    lines = ["| model | evaluation | metric | this run | published (LaryngealCT) |", "|---|---|---|---|---|"]
+    kinds = {"cv": "validation folds (mean)", "test_best_fold": "test, single best fold",
+             "test_ensemble": "test, fold ensemble"}
     for _, row in comparison.iterrows():
-        lines.append(f"| {row['model']} | {row['metric']} | {_fmt(row['this_run_mean'])} | {_fmt(row['published_test'])} |")
+        mine = _fmt(row["this_run"]) + (f" ± {row['this_run_sd']:.3f}" if np.isfinite(row["this_run_sd"]) else "")
+        lines.append(f"| {row['model']} | {kinds[row['setting']]} | {row['metric']} | {mine} | {_fmt(row['published'])} |")
     _write_text("\n".join(lines) + "\n", out["comparison_md"])
 
 
@@ -556,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = sub.add_parser("tables", help="metrics_by_fold, metrics_summary (csv, md, tex), comparison")
     tables.add_argument("--metrics", nargs="*", default=[])
     tables.add_argument("--predictions", nargs="*", default=[])
+    tables.add_argument("--test-metrics", nargs="*", default=[],
+                        help="results/evaluate/classify/{model}/test_ensemble/metrics.json")
     tables.add_argument("--published", required=True)
     tables.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<table> is given")
     for key in TABLE_FILES:
@@ -592,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     style = {"dpi": getattr(args, "dpi", 110), "font_size": getattr(args, "font_size", 10)}
     if args.command == "tables":
         outputs = {key: getattr(args, f"out_{key}") for key in TABLE_FILES if getattr(args, f"out_{key}")}
-        write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed, outputs)
+        write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed, outputs,
+                     test_metric_files=args.test_metrics)
     elif args.command == "figures":
         out = {key: getattr(args, f"out_{key}") or Path(args.out_dir) / name for key, name in FIGURE_FILES.items()}
         classify_predictions = [p for p in args.predictions if Path(p).parts[-4] == "classify"]

@@ -7,16 +7,25 @@ validation Dice). Same loop, checkpointing and resume for both.
 
 Outputs in ``out_dir`` (``results/train/{task}/{model}/fold{fold}/``), written atomically and only when
 training has finished (early stop or last epoch):
-``best.pt``              ``model_state, model, task, config, epoch, metric, versions`` (best validation epoch)
+``best.pt``              ``model_state, model, task, config, epoch, metric, cases, fingerprint, versions``
+                         (best validation epoch; ``cases``: the ``train``, ``val`` and ``test`` case IDs
+                         this run used)
 ``history.csv``          ``epoch, train_loss, val_loss, val_auc|val_dice, val_f1, lr, seconds`` (epochs from 1)
 ``val_predictions.csv``  classify ``case, label, probability, fold``; segment ``case, slice, prob_npz,
                          fold`` with ``val_probs/{case}.npz`` (``prob`` float16 (z, y, x) on the original
                          slice grid, ``slice`` int) per validation case.
+``test_predictions.csv`` the same columns for the held-out test cases of folds.tsv (``fold == "test"``),
+                         predicted by the best model (the epoch early stopping kept); ``fold`` is the
+                         model's fold. No test set: the header and no rows. segment: always header-only
+                         (test-set prediction of slices is not implemented; the log says so).
 Working state in ``out_dir/checkpoints/``: ``last.pt`` (model, optimizer, scaler, scheduler, RNG states,
-epoch, best metric, patience counter, history) every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1
-(what SLURM sends before a time limit or preemption: the current step finishes, the checkpoint is saved,
-the process exits with 128 + signal so the job is requeued/rerun), and ``best_model.pt``. A start with
-``last.pt`` present resumes from it. An epoch interrupted by a signal is run again from its start on
+epoch, best metric, patience counter, history, fingerprint) every ``checkpoint_every`` epochs and on
+SIGTERM/SIGUSR1 (what SLURM sends before a time limit or preemption: the current step finishes, the
+checkpoint is saved, the process exits with 128 + signal so the job is requeued/rerun), and
+``best_model.pt``. A start with ``last.pt`` present resumes from it only when its fingerprint (task,
+model, the --config JSON and a sha256 of the trainer's code: train, data, losses, common, models) is
+this run's; otherwise (Snakemake reruns a job whose config or code changed) it starts from epoch 1 and
+logs why. An epoch interrupted by a signal is run again from its start on
 resume (with the weights it had reached); its per-epoch randomness (augmentation, sampling, shuffling)
 is seeded from ``seed`` and the epoch number, so it draws the same data again.
 
@@ -28,6 +37,7 @@ Segment ``val_f1`` is slice-level detection F1 (a slice is positive when any pix
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -48,6 +58,8 @@ from hnct.models import build_model
 
 log = logging.getLogger("hnct.train")
 
+PREDICTION_COLUMNS = {"classify": ("case", "label", "probability", "fold"),
+                      "segment": ("case", "slice", "prob_npz", "fold")}
 HISTORY_COLUMNS = {
     "classify": ["epoch", "train_loss", "val_loss", "val_auc", "val_f1", "lr", "seconds"],
     "segment": ["epoch", "train_loss", "val_loss", "val_dice", "val_f1", "lr", "seconds"],
@@ -137,11 +149,15 @@ def _loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int
 class ClassifyTask:
     metric_name = "val_auc"
 
-    def __init__(self, cfg, train_rows, val_rows, crop_sidecars, fold):
+    def __init__(self, cfg, train_rows, val_rows, crop_sidecars, fold, test_rows=None):
+        """``crop_sidecars``: ``{case: sidecar}`` or a list of ``{case}.json`` paths; ``test_rows``: the
+        held-out test rows of folds.tsv (predicted by the best model, never trained or validated on)."""
         self.cfg, self.fold = cfg, fold
-        sidecars = hdata.sidecars_by_case(crop_sidecars)
+        sidecars = crop_sidecars if isinstance(crop_sidecars, dict) else hdata.sidecars_by_case(crop_sidecars)
         self.train_items = hdata.load_classify_items(train_rows, sidecars, cfg)
         self.val_items = hdata.load_classify_items(val_rows, sidecars, cfg)
+        self.test_items = (hdata.load_classify_items(test_rows, sidecars, cfg)
+                           if test_rows is not None and len(test_rows) else [])
         self.augment = hdata.classify_augmentation(cfg["input_shape"]) if cfg.get("augment", True) else None
         from monai.losses import FocalLoss
 
@@ -165,18 +181,21 @@ class ClassifyTask:
                 generator=torch.Generator().manual_seed(int(self.cfg["seed"]) * 7919 + epoch))
         return _loader(dataset, int(self.cfg["batch_size"]), True, num_workers, self.cfg["seed"], epoch, sampler)
 
-    def val_loader(self, num_workers):
-        return _loader(hdata.ItemDataset(self.val_items, ["image", "label"]), int(self.cfg["batch_size"]),
+    def val_loader(self, num_workers, items=None):
+        items = self.val_items if items is None else items
+        return _loader(hdata.ItemDataset(items, ["image", "label"]), int(self.cfg["batch_size"]),
                        False, num_workers, self.cfg["seed"], 0)
 
     def loss(self, outputs, batch):
         return self.loss_fn(outputs.float(), batch["label"].view(-1, 1).long())
 
-    def validate(self, model, device, num_workers, amp):
+    def validate(self, model, device, num_workers, amp, items=None):
+        """Metrics and P(T4) of ``items`` (default: the validation cases), in their order."""
+        items = self.val_items if items is None else items
         probabilities, losses, weights = [], [], []
         model.eval()
         with torch.no_grad():
-            for batch in self.val_loader(num_workers):
+            for batch in self.val_loader(num_workers, items):
                 image = batch["image"].to(device)
                 with torch.autocast(device_type=device.type, enabled=amp):
                     logits = model(image)
@@ -184,7 +203,7 @@ class ClassifyTask:
                 weights.append(len(image))
                 probabilities.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
         probability = np.concatenate(probabilities)
-        labels = np.array([it["label"] for it in self.val_items])
+        labels = np.array([it["label"] for it in items])
         metrics = {"val_loss": float(np.average(losses, weights=weights)),
                    "val_auc": roc_auc(labels, probability),
                    "val_f1": macro_f1(labels, (probability >= 0.5).astype(int))}
@@ -194,11 +213,14 @@ class ClassifyTask:
         """Early stopping score: macro-F1, ties broken by the lower validation loss."""
         return (metrics["val_f1"], -metrics["val_loss"])
 
-    def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path):
-        _, probability = self.validate(model, device, num_workers, amp)
-        table = pd.DataFrame({"case": [it["case"] for it in self.val_items],
-                              "label": [it["label"] for it in self.val_items],
-                              "probability": probability, "fold": self.fold})
+    def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path, split="val"):
+        """``case, label, probability, fold`` of the validation (``split="val"``) or test cases; an empty
+        test set gives the header and no rows."""
+        items = self.val_items if split == "val" else self.test_items
+        probability = self.validate(model, device, num_workers, amp, items)[1] if items else np.zeros(0)
+        table = pd.DataFrame({"case": [it["case"] for it in items], "label": [it["label"] for it in items],
+                              "probability": probability, "fold": self.fold},
+                             columns=list(PREDICTION_COLUMNS["classify"]))
         with atomic_path(predictions_path) as tmp:
             table.to_csv(tmp, index=False)
 
@@ -209,8 +231,8 @@ class SegmentTask:
     def __init__(self, cfg, fold_slices_tsv, slice_sidecars, fold):
         self.cfg, self.fold = cfg, fold
         size = int(cfg["input_size"])
-        table = hdata.load_segment_slices(fold_slices_tsv, hdata.sidecars_by_case(slice_sidecars),
-                                          cfg["structure"], size)
+        sidecars = slice_sidecars if isinstance(slice_sidecars, dict) else hdata.sidecars_by_case(slice_sidecars)
+        table = hdata.load_segment_slices(fold_slices_tsv, sidecars, cfg["structure"], size)
         self.train_table = table[table["split"] == "train"].reset_index(drop=True)
         self.val_table = table[table["split"] == "val"].reset_index(drop=True)
         if self.train_table.empty or self.val_table.empty:
@@ -274,8 +296,17 @@ class SegmentTask:
     def selection(self, metrics):
         return (metrics["val_dice"], -metrics["val_loss"])
 
-    def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path):
-        """``val_probs/{case}.npz`` per validation case (original slice grid) and the CSV listing them."""
+    def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path, split="val"):
+        """``val_probs/{case}.npz`` per validation case (original slice grid) and the CSV listing them.
+
+        ``split="test"``: segmentation has no test-set prediction yet (the fold slice lists hold train
+        and val slices only); the table is written with its header and no rows, and the log says so.
+        """
+        if split == "test":
+            log.warning("segment: test-set prediction is not implemented; %s lists no cases", predictions_path)
+            with atomic_path(predictions_path) as tmp:
+                pd.DataFrame(columns=list(PREDICTION_COLUMNS["segment"])).to_csv(tmp, index=False)
+            return
         prob, _ = self.predict(model, device, num_workers, amp)
         rows = []
         table = self.val_table.assign(order=np.arange(len(self.val_table)))
@@ -294,15 +325,48 @@ class SegmentTask:
 
 
 # ---------------------------------------------------------------- the trainer
+def trainer_code_hash() -> str:
+    """sha256 of the code that defines a training run (this module, data, losses, models, common)."""
+    root = Path(__file__).resolve().parent
+    files = [root / "train.py", root / "data.py", root / "losses.py", root / "common.py",
+             *sorted((root / "models").glob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(task: str, model_name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: task, model, the --config JSON and the code hash."""
+    return {"task": task, "model": model_name, "config": json.loads(json.dumps(cfg, sort_keys=True)),
+            "code": trainer_code_hash()}
+
+
+def resume_mismatch(state: dict[str, Any], fingerprint: dict[str, Any]) -> str | None:
+    """Why ``state`` (a last.pt) must not be resumed under ``fingerprint``; None when it may."""
+    stored = state.get("fingerprint")
+    if not isinstance(stored, dict):
+        return "it has no fingerprint (written by an older trainer)"
+    changed = [key for key in ("task", "model", "config", "code") if stored.get(key) != fingerprint[key]]
+    if not changed:
+        return None
+    names = {"task": "task", "model": "model", "config": "--config JSON", "code": "trainer code"}
+    return "it was written with a different " + " and ".join(names[key] for key in changed)
+
+
 def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: dict[str, Any],
                folds_tsv: str | Path | None = None, crop_sidecars: list[str] | None = None,
                fold_slices_tsv: str | Path | None = None, slice_sidecars: list[str] | None = None,
-               threads: int = 1) -> dict[str, Any]:
+               threads: int = 1, crops_dir: str | Path | None = None,
+               slices_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``model_name`` on fold ``fold`` of ``task``; resume from ``out_dir/checkpoints/last.pt``.
 
     ``cfg``: the task's ``train.<task>`` section merged with ``seed``, ``device``, ``num_workers`` and
     ``checkpoint_every`` of ``train``. classify reads ``folds_tsv`` and the crop sidecars; segment reads
-    ``fold_slices_tsv`` and the slices sidecars (for the label names). Returns the final summary.
+    ``fold_slices_tsv`` and the slices sidecars (for the label names). The sidecars are either given
+    (``crop_sidecars`` / ``slice_sidecars``) or found as ``{crops_dir|slices_dir}/{case}.json`` for the
+    cases the fold table lists (what the workflow does). Returns the final summary.
     Raises StopRequested after checkpointing when SIGTERM/SIGUSR1 arrives.
     """
     from monai.utils import set_determinism
@@ -325,12 +389,29 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
 
     if task == "classify":
         train_rows, val_rows = hdata.read_fold_cases(folds_tsv, fold)
-        log.info("%d train and %d validation cases", len(train_rows), len(val_rows))
-        adapter: ClassifyTask | SegmentTask = ClassifyTask(cfg, train_rows, val_rows, crop_sidecars or [], fold)
+        test_rows = hdata.read_test_cases(folds_tsv)
+        if crop_sidecars is None and crops_dir is not None:
+            listed = pd.concat([train_rows["case"], val_rows["case"], test_rows["case"]])
+            sidecars: Any = hdata.sidecars_in(crops_dir, list(listed))
+        else:
+            sidecars = crop_sidecars or []
+        log.info("%d train, %d validation and %d test cases", len(train_rows), len(val_rows), len(test_rows))
+        if test_rows.empty:
+            log.info("no test set in %s (folds.test: none, or no case marked test)", folds_tsv)
+        adapter: ClassifyTask | SegmentTask = ClassifyTask(cfg, train_rows, val_rows, sidecars, fold, test_rows)
+        cases = {"train": sorted(train_rows["case"]), "val": sorted(val_rows["case"]),
+                 "test": sorted(test_rows["case"])}
     elif task == "segment":
-        adapter = SegmentTask(cfg, fold_slices_tsv, slice_sidecars or [], fold)
+        if slice_sidecars is None and slices_dir is not None:
+            listed = pd.read_csv(fold_slices_tsv, sep="\t", usecols=["case"], dtype={"case": str})["case"]
+            segment_sidecars: Any = hdata.sidecars_in(slices_dir, sorted(set(listed)))
+        else:
+            segment_sidecars = slice_sidecars or []
+        adapter = SegmentTask(cfg, fold_slices_tsv, segment_sidecars, fold)
         log.info("%d train slices (%d positive), %d validation slices", len(adapter.train_items),
                  int(adapter.train_positive.sum()), len(adapter.val_items))
+        cases = {"train": sorted(set(adapter.train_table["case"])), "val": sorted(set(adapter.val_table["case"])),
+                 "test": []}
     else:
         raise ValueError(f"unknown task {task!r}")
 
@@ -345,11 +426,13 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch, best_score, best_epoch, stale, history = 1, None, 0, 0, []
+    fingerprint = run_fingerprint(task, model_name, cfg)
     state = torch.load(last_path, map_location=device, weights_only=False) if last_path.exists() else None
-    if state is not None and (state.get("config") != cfg or state.get("model") != model_name
-                              or state.get("task") != task):
-        # a rerun after a config change (Snakemake reruns on changed params) starts over
-        log.warning("%s was written with another config or model: starting from epoch 1", last_path)
+    mismatch = resume_mismatch(state, fingerprint) if state is not None else None
+    if mismatch:
+        # Snakemake reruns a job whose config or code changed: that run starts over, it never
+        # continues the weights, optimizer and history of another configuration or trainer.
+        log.warning("not resuming %s: %s; starting from epoch 1", last_path, mismatch)
         state = None
         best_model_path.unlink(missing_ok=True)
     if state is not None:
@@ -370,7 +453,7 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
                      "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
                      "rng_states": rng_states(), "epoch": completed_epoch, "best_score": best_score,
                      "best_epoch": best_epoch, "stale_epochs": stale, "history": history,
-                     "model": model_name, "task": task, "config": cfg}, last_path)
+                     "model": model_name, "task": task, "config": cfg, "fingerprint": fingerprint}, last_path)
         log.info("checkpoint: epoch %d -> %s", completed_epoch, last_path)
 
     epochs, patience, every = int(cfg["epochs"]), int(cfg["patience"]), int(cfg.get("checkpoint_every", 1))
@@ -429,12 +512,16 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
     best = torch.load(best_model_path, map_location=device, weights_only=False)
     model.load_state_dict(best["model_state"])
     adapter.write_predictions(model, device, num_workers, amp, out_dir, out_dir / "val_predictions.csv")
+    # the held-out test cases, by the same (early-stopping) best model
+    adapter.write_predictions(model, device, num_workers, amp, out_dir, out_dir / "test_predictions.csv",
+                              split="test")
     with atomic_path(out_dir / "history.csv") as tmp:
         pd.DataFrame(history, columns=HISTORY_COLUMNS[task]).to_csv(tmp, index=False)
     _save_torch({"model_state": {k: v.cpu() for k, v in best["model_state"].items()}, "model": model_name,
                  "task": task, "config": cfg, "epoch": best_epoch,
                  "metric": {adapter.metric_name: history[best_epoch - 1][adapter.metric_name]
                             if best_epoch else math.nan},
+                 "cases": cases, "fingerprint": fingerprint,
                  "versions": software_versions()}, out_dir / "best.pt")
     log.info("done: best epoch %d of %d", best_epoch, len(history))
     return {"best_epoch": best_epoch, "epochs_run": len(history), "history": history}
@@ -449,9 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help="JSON: train.<task> merged with train's seed, device, num_workers, checkpoint_every")
     parser.add_argument("--folds", help="results/folds/{task}/folds.tsv (classify)")
-    parser.add_argument("--crop-sidecars", nargs="*", default=[], help="results/crops/{case}.json (classify)")
+    parser.add_argument("--crop-sidecars", nargs="*", default=None,
+                        help="results/crops/{case}.json (classify; default: --crops-dir/{case}.json)")
+    parser.add_argument("--crops-dir", help="folder of the crop sidecars of the cases in --folds (classify)")
     parser.add_argument("--fold-slices", help="results/folds/segment/fold{k}_slices.tsv (segment)")
-    parser.add_argument("--slice-sidecars", nargs="*", default=[], help="results/slices/{case}.json (segment)")
+    parser.add_argument("--slice-sidecars", nargs="*", default=None,
+                        help="results/slices/{case}.json (segment; default: --slices-dir/{case}.json)")
+    parser.add_argument("--slices-dir", help="folder of the slices sidecars of the cases in --fold-slices")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
@@ -461,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         # a rule passes the other task's inputs as empty values
         train_fold(args.task, args.model, args.fold, args.out_dir, cfg, folds_tsv=args.folds or None,
                    crop_sidecars=args.crop_sidecars, fold_slices_tsv=args.fold_slices or None,
-                   slice_sidecars=args.slice_sidecars, threads=args.threads)
+                   slice_sidecars=args.slice_sidecars, threads=args.threads,
+                   crops_dir=args.crops_dir or None, slices_dir=args.slices_dir or None)
     except StopRequested as stop:
         log.warning("stopped by signal %d after checkpointing; rerun to resume", stop.signum)
         return 128 + stop.signum

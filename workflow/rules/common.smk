@@ -116,6 +116,8 @@ def get_final_output():
             model=models_for(task),
             fold=FOLDS,
         )
+    if "classify" in TASKS:
+        outputs += report_test_metric_files(None)
     outputs += get_report_outputs()
     return outputs
 
@@ -134,6 +136,21 @@ def report_metric_files(wildcards):
         for task in TASKS
         for model in models_for(task)
         for fold in FOLDS
+    ]
+
+
+def report_test_metric_files(wildcards):
+    """The test-set ensemble of every classification model (segment has none)."""
+    return expand(
+        "results/evaluate/classify/{model}/test_ensemble/metrics.json",
+        model=models_for("classify") if "classify" in TASKS else [],
+    )
+
+
+def report_test_prediction_files(wildcards):
+    return [
+        f.replace("metrics.json", "predictions.csv")
+        for f in report_test_metric_files(wildcards)
     ]
 
 
@@ -165,11 +182,6 @@ def report_per_case_files(wildcards):
 def report_crop_sidecars(wildcards):
     return expand("results/crops/{case}.json", case=CASES)
 
-
-# The published numbers live in the repository, not in the working directory.
-PUBLISHED_NUMBERS = str(
-    Path(workflow.basedir) / "workflow/report/published_laryngealct.tsv"
-)
 
 FIGURES = [
     "roc_pr",
@@ -204,20 +216,28 @@ TRAIN_CONFIG_JSON = {
 }
 
 
+# A training job depends on its fold table alone, not on every case's sidecar: the fold tables are
+# made from the slices sidecars of all cases (rule split_folds), so a changed case reruns them and
+# then training, and the trainer finds the sidecars of the cases the table lists in
+# results/crops/ and results/slices/. One edge per job instead of one per case and job keeps the DAG
+# of thousands of cases fast (benchmarks/dag_scale.py). The crops are upstream of the fold tables
+# only when slices are cut from the crop; with slices.source: volume, classification also depends on
+# results/train/crops_index.tsv (made by index_crops, the one job that reads every crop sidecar).
+CROPS_BEFORE_FOLDS = config["slices"]["source"] == "crop"
+
+
 def get_train_inputs(wildcards):
-    """Fold table and per-case sidecars of one training job (the other task's inputs are empty)."""
+    """Fold tables of one training job (the other task's inputs are empty)."""
     if wildcards.task == "segment":
         return {
             "folds": "results/folds/segment/folds.tsv",
             "fold_slices": f"results/folds/segment/fold{wildcards.fold}_slices.tsv",
-            "crops": [],
-            "slices": expand("results/slices/{case}.json", case=CASES),
+            "crops_index": [],
         }
     return {
         "folds": f"results/folds/{wildcards.task}/folds.tsv",
         "fold_slices": [],
-        "crops": expand("results/crops/{case}.json", case=CASES),
-        "slices": [],
+        "crops_index": [] if CROPS_BEFORE_FOLDS else "results/train/crops_index.tsv",
     }
 
 

@@ -5,6 +5,8 @@ rule aggregate_metrics:
     input:
         metrics=report_metric_files,
         predictions=report_prediction_files,
+        test_metrics=report_test_metric_files,
+        test_predictions=report_test_prediction_files,
         published=PUBLISHED_NUMBERS,
     output:
         by_fold=report(
@@ -16,6 +18,11 @@ rule aggregate_metrics:
             "results/report/metrics_summary.csv",
             category="Metrics",
             caption="../report/metrics_summary.rst",
+        ),
+        test=report(
+            "results/report/metrics_test.csv",
+            category="Metrics",
+            caption="../report/metrics_test.rst",
         ),
         markdown="results/report/metrics_summary.md",
         latex="results/report/metrics_summary.tex",
@@ -39,8 +46,9 @@ rule aggregate_metrics:
         code=code_version("report", "metrics.classification"),
     shell:
         "python -m hnct.report --log {log} tables --metrics {input.metrics}"
-        " --predictions {input.predictions} --published {input.published}"
-        " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q}"
+        " --predictions {input.predictions} --test-metrics {input.test_metrics}"
+        " --published {input.published}"
+        " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q} --out-test {output.test:q}"
         " --out-markdown {output.markdown:q} --out-latex {output.latex:q}"
         " --out-comparison {output.comparison:q} --out-comparison-md {output.comparison_md:q}"
         " --bootstrap {params.bootstrap} --seed {params.seed}"

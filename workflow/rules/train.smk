@@ -1,6 +1,8 @@
 # train{task, model, fold}: one GPU job per task x model x fold (hnct.train; CPU where no GPU).
-# classify reads the crops (through their sidecars) and folds.tsv; segment reads the fold's slice
-# list and the slices sidecars (label names). A killed job resumes from checkpoints/last.pt on rerun.
+# classify reads folds.tsv and the crops of the cases it lists (results/crops/{case}.json); segment
+# reads the fold's slice list and the slices sidecars of its cases (label names). Both also predict
+# the held-out test cases with the best model (test_predictions.csv; header-only without a test set,
+# and for segment). A killed job resumes from checkpoints/last.pt on rerun (same config and code only).
 
 
 rule train_fold:
@@ -10,6 +12,7 @@ rule train_fold:
         best="results/train/{task}/{model}/fold{fold}/best.pt",
         history="results/train/{task}/{model}/fold{fold}/history.csv",
         predictions="results/train/{task}/{model}/fold{fold}/val_predictions.csv",
+        test_predictions="results/train/{task}/{model}/fold{fold}/test_predictions.csv",
     log:
         "logs/train_fold/{task}_{model}_{fold}.log",
     conda:
@@ -28,5 +31,26 @@ rule train_fold:
     shell:
         "python -m hnct.train --task {wildcards.task} --model {wildcards.model} --fold {wildcards.fold}"
         " --out-dir {params.out_dir:q} --config {params.config:q} --folds {input.folds:q}"
-        " --fold-slices={input.fold_slices:q} --crop-sidecars {input.crops:q}"
-        " --slice-sidecars {input.slices:q} --threads {threads} --log {log:q}"
+        " --fold-slices={input.fold_slices:q} --crops-dir results/crops"
+        " --slices-dir results/slices --threads {threads} --log {log:q}"
+
+
+# Only with slices.source: volume (the crops are then not upstream of folds.tsv): one table of every
+# crop sidecar and its checksum, so that a changed crop still reruns classification training.
+rule index_crops:
+    input:
+        crops=expand("results/crops/{case}.json", case=CASES),
+    output:
+        index="results/train/crops_index.tsv",
+    log:
+        "logs/index_crops/all.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        code=code_version("data"),
+    shell:
+        "python -m hnct.data index --sidecars {input.crops:q} --out {output.index:q} --log {log:q}"
