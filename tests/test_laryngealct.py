@@ -22,6 +22,7 @@ from hnct.laryngealct import (
     parse_bbox3d,
     parse_img_list,
     read_test_split,
+    read_train_split,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,82 @@ def test_test_split_patients_must_be_in_bbox3d(laryngealct_dir, tmp_path):
         build_cohort(boxes, None, read_test_split(split))
 
 
+def write_split_xlsx(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A spreadsheet as the dataset publishes its splits (openpyxl, one sheet, a header row)."""
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sheet = book.active
+    sheet.title = "Sheet1"
+    sheet.append(header)
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+    return path
+
+
+SPLIT_HEADER = ["TCIA_ID", "Label_T4", "Binary_TisT1T2_vs_T3T4"]
+
+
+def test_train_split_spreadsheet_labels_the_training_cases(laryngealct_dir, tmp_path):
+    """TCIA_ID + Label_T4 (the columns the dataset's training scripts read) -> label_t4, split stays empty."""
+    boxes = parse_bbox3d(laryngealct_dir / "bbox3d.txt")
+    test = read_test_split(laryngealct_dir / "test_split_206_reconstructed.csv")
+    train_patients = [p for p in boxes["patient"] if p not in set(test["patient"])][:5]
+    assert len(train_patients) == 5
+    rows = [[train_patients[0], 1, 1], [train_patients[1], 0, 1], [train_patients[2], 0, 0],
+            [train_patients[3], None, None], [train_patients[4], 1.0, 1.0]]
+    xlsx = write_split_xlsx(tmp_path / "train_split_T4.xlsx", SPLIT_HEADER, rows)
+    train = read_train_split(xlsx)
+    assert list(train["patient"]) == train_patients
+    assert list(train["Label_T4"]) == ["1", "0", "0", "", "1"]
+    cohort = build_cohort(boxes, None, test, train).set_index("case", drop=False)
+    assert list(cohort.loc[train_patients, "label_t4"]) == ["1", "0", "0", "", "1"]
+    assert (cohort.loc[train_patients, "split"] == "").all()
+    assert (cohort["split"] == "test").sum() == 206  # the test split is untouched
+    others = ~cohort.index.isin(train_patients) & (cohort["split"] != "test")
+    assert (cohort.loc[others, "label_t4"] == "").all()
+    # The CLI takes it too.
+    out = tmp_path / "cohort.tsv"
+    assert laryngealct_main(["build-cohort", "--bbox3d", str(laryngealct_dir / "bbox3d.txt"),
+                             "--test-split", str(laryngealct_dir / "test_split_206_reconstructed.csv"),
+                             "--train-split", str(xlsx), "--out", str(out)]) == 0
+    assert read_cohort(out).loc[train_patients[0], "label_t4"] == "1"
+
+
+def test_train_split_errors_name_the_file_and_the_column(laryngealct_dir, tmp_path, capsys):
+    no_label = write_split_xlsx(tmp_path / "no_label.xlsx", ["TCIA_ID", "LabelT4"], [["RADCURE-0006", 1]])
+    with pytest.raises(AnnotationError, match=r"no_label\.xlsx: missing column\(s\) \['Label_T4'\]"):
+        read_train_split(no_label)
+    no_id = write_split_xlsx(tmp_path / "no_id.xlsx", ["Case_ID", "Label_T4"], [["RADCURE_0006", 1]])
+    with pytest.raises(AnnotationError, match=r"no_id\.xlsx: missing column\(s\) \['TCIA_ID'\]"):
+        read_train_split(no_id)
+    bad = write_split_xlsx(tmp_path / "bad.xlsx", SPLIT_HEADER, [["RADCURE-0006", "T4", 1]])
+    with pytest.raises(AnnotationError, match=r"bad\.xlsx: column Label_T4 must be 0, 1 or empty: \[\"row 2 \(RADCURE-0006"):
+        read_train_split(bad)
+    twice = write_split_xlsx(tmp_path / "twice.xlsx", SPLIT_HEADER, [["RADCURE-0006", 1, 1], ["RADCURE_0006", 1, 1]])
+    with pytest.raises(AnnotationError, match="twice.xlsx: patient.s. listed twice"):
+        read_train_split(twice)
+    not_xlsx = tmp_path / "train_split_T4.xlsx"
+    not_xlsx.write_text("TCIA_ID,Label_T4\n")
+    with pytest.raises(AnnotationError, match="train_split_T4.xlsx: not a readable .xlsx"):
+        read_train_split(not_xlsx)
+    # A patient in both splits, or one bbox3d lacks, is refused.
+    boxes = parse_bbox3d(laryngealct_dir / "bbox3d.txt")
+    test = read_test_split(laryngealct_dir / "test_split_206_reconstructed.csv")
+    clash = write_split_xlsx(tmp_path / "clash.xlsx", SPLIT_HEADER, [[test["TCIA_ID"][0], 0, 0]])
+    with pytest.raises(AnnotationError, match="in both the train and the test split"):
+        build_cohort(boxes, None, test, read_train_split(clash))
+    stranger = write_split_xlsx(tmp_path / "stranger.xlsx", SPLIT_HEADER, [["RADCURE-9999", 0, 0]])
+    with pytest.raises(AnnotationError, match="train split names 1 patient.s. not in bbox3d"):
+        build_cohort(boxes, None, test, read_train_split(stranger))
+    # The CLI reports it and fails.
+    assert laryngealct_main(["build-cohort", "--bbox3d", str(laryngealct_dir / "bbox3d.txt"),
+                             "--train-split", str(no_label), "--out", str(tmp_path / "c.tsv")]) == 2
+    assert "no_label.xlsx: missing column(s) ['Label_T4']" in capsys.readouterr().err
+    assert not (tmp_path / "c.tsv").exists()
+
+
 @pytest.fixture
 def file_server(tmp_path):
     """Serve a copy of the annotation files as <root>/<commit>/data/annotations/... on 127.0.0.1."""
@@ -144,6 +221,22 @@ def test_annotation_download_checks_the_pinned_sha256(file_server, laryngealct_d
                                                              "sha256": ""}}, other)
     with pytest.raises(AnnotationError, match="full 40-digit commit"):
         download_annotations(base_url, "ed3a908", files, other)
+
+
+def test_a_file_with_its_own_commit_is_read_at_that_commit(file_server, tmp_path):
+    """laryngealct.annotations.<name>.commit overrides laryngealct.commit for that file only."""
+    root, base_url = file_server
+    own = "8d3e1b81fbbda60251c7415c57f5a5ff87beb8a0"
+    (root / own / "data" / "annotations").mkdir(parents=True)
+    data = b"PK-not-really-a-spreadsheet"
+    (root / own / "data" / "annotations" / "train_split_T4.xlsx").write_bytes(data)
+    spec = {"path": "data/annotations/train_split_T4.xlsx", "sha256": hashlib.sha256(data).hexdigest()}
+    got = download_annotations(base_url, COMMIT, {"train_split": {**spec, "commit": own}}, tmp_path / "a")
+    assert got["train_split"].read_bytes() == data
+    with pytest.raises(AnnotationError, match="HTTP 404"):  # not served at the default commit
+        download_annotations(base_url, COMMIT, {"train_split": spec}, tmp_path / "b")
+    with pytest.raises(AnnotationError, match="full 40-digit commit"):
+        download_annotations(base_url, COMMIT, {"train_split": {**spec, "commit": "8d3e1b8"}}, tmp_path / "c")
 
 
 @pytest.mark.slow

@@ -6,8 +6,12 @@ The dataset publishes its cohort as annotation files in its GitHub repository, n
 * ``data/annotations/img_list.txt``: ``case_id,<series folder as the NBIA Data Retriever wrote it>``
   (``Collection/manifest-*/Collection/PatientID/<study folder>/<series folder>``); some patients
   appear twice (the same series from two manifests), some folders are "PET AC .." series;
-* ``data/annotations/LaryngealCT_metadata.xlsx``: clinical labels (reading it needs openpyxl, which
-  hnct does not pin: the committed cohort takes labels from the test split CSV instead).
+* ``data/annotations/LaryngealCT_metadata.xlsx``: clinical labels (no published code reads it, so its
+  columns are unknown: hnct does not read it);
+* ``data/annotations/train_split_T4.xlsx`` / ``test_split_T4.xlsx``: the fixed 823/206 split with the
+  T4 label, columns ``TCIA_ID`` and ``Label_T4`` as the dataset's own training scripts read them
+  (:func:`read_train_split`, openpyxl through ``pandas.read_excel``). The 206 test cases' labels
+  come from ``test_split_206_reconstructed.csv`` (:func:`read_test_split`).
 
 :func:`download_annotations` fetches them at a pinned commit and checks each file's SHA-256 (a
 checksum is required: a file without one in the config is refused). LaryngealCT IDs use ``_``
@@ -24,7 +28,8 @@ Build the committed cohort table (offline)::
         --test-split ../shared/laryngealct/test_split_206_reconstructed.csv \\
         --out config/laryngealct_cohort.tsv
 
-With the full ``img_list.txt`` (``download`` first), every case gets its series suffix.
+``--train-split train_split_T4.xlsx`` adds the training cases' labels. With the full
+``img_list.txt`` (``download`` first), every case gets its series suffix.
 """
 
 from __future__ import annotations
@@ -89,15 +94,18 @@ def download_annotations(base_url: str, commit: str, files: dict[str, dict[str, 
                          timeout_s: float = 60.0) -> dict[str, Path]:
     """Download each annotation file at ``commit`` into ``out_dir`` and check its SHA-256.
 
-    ``files`` maps a name to ``{"path": <path in the repository>, "sha256": <hex>}``. A file already
+    ``files`` maps a name to ``{"path": <path in the repository>, "sha256": <hex>}`` and optionally
+    ``"commit"`` (that file's own commit, else ``commit``). A file already
     present with the right checksum is kept; a checksum left empty is an error (pin it first);
     a mismatch leaves nothing under the final name.
     """
-    if not re.fullmatch(r"[0-9a-f]{40}", commit):
-        raise AnnotationError(f"laryngealct.commit must be a full 40-digit commit SHA, got {commit!r}")
     out_dir = Path(out_dir)
     got: dict[str, Path] = {}
     for name, spec in files.items():
+        file_commit = str(spec.get("commit") or commit)
+        if not re.fullmatch(r"[0-9a-f]{40}", file_commit):
+            raise AnnotationError(f"the commit of {name} (laryngealct.commit or its own commit) must be a full "
+                                  f"40-digit commit SHA, got {file_commit!r}")
         expected = str(spec.get("sha256", "")).lower()
         target = out_dir / Path(spec["path"]).name
         if not re.fullmatch(r"[0-9a-f]{64}", expected):
@@ -108,7 +116,7 @@ def download_annotations(base_url: str, commit: str, files: dict[str, dict[str, 
             log.info("%s: present, checksum ok", target)
             got[name] = target
             continue
-        url = annotation_url(base_url, commit, spec["path"])
+        url = annotation_url(base_url, file_commit, spec["path"])
         log.info("downloading %s", url)
         with atomic_path(target) as tmp:
             with requests.get(url, timeout=(min(timeout_s, 30.0), timeout_s), stream=True) as response:
@@ -202,14 +210,75 @@ def read_test_split(path: str | Path) -> pd.DataFrame:
     return table
 
 
+# The split spreadsheets' columns as the dataset's own training scripts read them
+# (classification/T4_classification/*/code: ``pd.read_excel(TRAIN_SPLIT)``, ``df["TCIA_ID"]``,
+# ``LABEL_COL = "Label_T4"``; IDs are TCIA-style, the scripts map ``-`` to ``_`` for file names).
+SPLIT_ID_COLUMN = "TCIA_ID"
+SPLIT_LABEL_COLUMN = "Label_T4"
+
+
+def _label_text(value: Any) -> str | None:
+    """A spreadsheet cell as ``"0"``/``"1"``, ``""`` for an empty cell, None for anything else."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and float(value) in (0.0, 1.0):
+        return str(int(value))
+    text = str(value).strip()
+    if text in ("", "0", "1"):
+        return text
+    if text in ("0.0", "1.0"):
+        return text[0]
+    return None
+
+
+def read_train_split(path: str | Path) -> pd.DataFrame:
+    """``train_split_T4.xlsx``: one row per training patient, ``TCIA_ID`` and ``Label_T4`` (0/1).
+
+    Returns ``TCIA_ID``, ``patient`` (TCIA ID) and ``Label_T4`` as text (``""`` where the cell is
+    empty: the dataset's scripts drop such rows; here the case stays, unlabelled). Errors name the
+    file and the column or rows at fault.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AnnotationError(f"{path}: train split spreadsheet does not exist")
+    try:
+        table = pd.read_excel(path, sheet_name=0, dtype=object, engine="openpyxl")
+    except Exception as err:  # openpyxl raises zipfile/XML/KeyError variants for a broken file
+        raise AnnotationError(f"{path}: not a readable .xlsx spreadsheet ({type(err).__name__}: {err})") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in (SPLIT_ID_COLUMN, SPLIT_LABEL_COLUMN) if c not in table.columns]
+    if missing:
+        raise AnnotationError(f"{path}: missing column(s) {missing} (found {list(table.columns)})")
+    table = table.dropna(how="all").reset_index(drop=True)
+    ids = table[SPLIT_ID_COLUMN].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v))
+                                     else str(v).strip())
+    rows = [i + 2 for i in ids.index[ids == ""]]  # spreadsheet rows: 1 is the header
+    if rows:
+        raise AnnotationError(f"{path}: column {SPLIT_ID_COLUMN} is empty on row(s) {rows[:5]}")
+    labels = table[SPLIT_LABEL_COLUMN].map(_label_text)
+    bad = [f"row {i + 2} ({ids[i]}: {table[SPLIT_LABEL_COLUMN][i]!r})" for i in labels.index[labels.isna()]]
+    if bad:
+        raise AnnotationError(f"{path}: column {SPLIT_LABEL_COLUMN} must be 0, 1 or empty: {bad[:5]}")
+    out = pd.DataFrame({SPLIT_ID_COLUMN: ids, "patient": ids.map(tcia_patient_id), SPLIT_LABEL_COLUMN: labels})
+    dup = sorted(set(out.loc[out["patient"].duplicated(), "patient"]))
+    if dup:
+        raise AnnotationError(f"{path}: patient(s) listed twice in {SPLIT_ID_COLUMN}: {dup[:5]}")
+    return out
+
+
 def build_cohort(bbox3d: pd.DataFrame, img_list: pd.DataFrame | None = None,
-                 test_split: pd.DataFrame | None = None) -> pd.DataFrame:
+                 test_split: pd.DataFrame | None = None,
+                 train_split: pd.DataFrame | None = None) -> pd.DataFrame:
     """The cohort table: one case per bbox3d line, named as TCIA names the patient.
 
     ``dicom_dir`` = ``<Collection>/<PatientID>`` (what fetch writes under ``dicom_root``);
     ``series_uid_suffix`` from img_list where it lists the patient (else empty: fetch takes every
     CT of the patient and convert chooses); ``label_t4`` and ``split = test`` from the test split;
-    ``case_id`` keeps LaryngealCT's own ID (the crop table's key).
+    ``label_t4`` of the training cases from the train split (``split`` stays empty); a patient in
+    both splits, or in a split but not in bbox3d, is an error. ``case_id`` keeps LaryngealCT's own
+    ID (the crop table's key).
     """
     table = pd.DataFrame({
         "case": bbox3d["patient"], "patient": bbox3d["patient"], "collection": bbox3d["collection"],
@@ -236,6 +305,15 @@ def build_cohort(bbox3d: pd.DataFrame, img_list: pd.DataFrame | None = None,
             raise AnnotationError(f"test split names {len(unknown)} patient(s) not in bbox3d: {unknown[:5]}")
         table.loc[split.index, "label_t4"] = split["Label_T4"].to_numpy()
         table.loc[split.index, "split"] = "test"
+    if train_split is not None:
+        train = train_split.set_index("patient")
+        unknown = sorted(set(train.index) - set(table.index))
+        if unknown:
+            raise AnnotationError(f"train split names {len(unknown)} patient(s) not in bbox3d: {unknown[:5]}")
+        both = sorted(set(train.index) & set(table.index[table["split"] == "test"]))
+        if both:
+            raise AnnotationError(f"{len(both)} patient(s) are in both the train and the test split: {both[:5]}")
+        table.loc[train.index, "label_t4"] = train[SPLIT_LABEL_COLUMN].to_numpy()
     return check_cohort(table.reset_index(drop=True), source="LaryngealCT annotations")
 
 
@@ -248,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--bbox3d", required=True)
     p_build.add_argument("--img-list", action="append", default=[], help="img_list.txt (repeatable)")
     p_build.add_argument("--test-split", default="")
+    p_build.add_argument("--train-split", default="", help="train_split_T4.xlsx (TCIA_ID, Label_T4)")
     p_build.add_argument("--out", required=True)
     p_file = sub.add_parser("download-file", help="download one annotation file at a commit, checked")
     p_file.add_argument("--base-url", required=True)
@@ -282,14 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         bbox = parse_bbox3d(args.bbox3d)
         img_list = parse_img_list(*args.img_list) if args.img_list else None
         split = read_test_split(args.test_split) if args.test_split else None
-        table = build_cohort(bbox, img_list, split)
+        train = read_train_split(args.train_split) if args.train_split else None
+        table = build_cohort(bbox, img_list, split, train)
     except AnnotationError as err:
         log.error("%s", err)
         return 2
     write_cohort(table, args.out)
     counts = table["collection"].value_counts().to_dict()
-    log.info("wrote %s: %d cases %s; %d with an img_list series, %d test", args.out, len(table), counts,
-             int((table["series_uid_suffix"] != "").sum()), int((table["split"] == "test").sum()))
+    log.info("wrote %s: %d cases %s; %d with an img_list series, %d test, %d labelled", args.out, len(table),
+             counts, int((table["series_uid_suffix"] != "").sum()), int((table["split"] == "test").sum()),
+             int((table["label_t4"] != "").sum()))
     return 0
 
 

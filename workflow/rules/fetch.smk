@@ -69,8 +69,12 @@ if SOURCE in ("tcia", "manifest"):
 
 # LaryngealCT's annotation files (crop table bbox3d.txt ...) at the pinned commit, SHA-256 checked
 # (hnct.laryngealct); only files named in config laryngealct.annotations, under annotations_dir.
+# A file's own commit (laryngealct.annotations.<name>.commit) overrides laryngealct.commit.
 ANNOTATIONS = {
-    Path(spec["path"]).name: spec
+    Path(spec["path"]).name: {
+        **spec,
+        "commit": spec.get("commit") or config["laryngealct"]["commit"],
+    }
     for spec in config["laryngealct"]["annotations"].values()
 }
 ANNOTATION_FILE = str(Path(config["laryngealct"]["annotations_dir"], "{filename}"))
@@ -94,7 +98,7 @@ if ANNOTATIONS:
             runtime=10,
         params:
             base_url=config["laryngealct"]["base_url"],
-            commit=config["laryngealct"]["commit"],
+            commit=lookup(dpath="{filename}/commit", within=ANNOTATIONS),
             path=lookup(dpath="{filename}/path", within=ANNOTATIONS),
             sha256=lookup(dpath="{filename}/sha256", within=ANNOTATIONS),
             code=code_version("laryngealct"),
