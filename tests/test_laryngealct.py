@@ -123,7 +123,8 @@ def write_split_xlsx(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-SPLIT_HEADER = ["TCIA_ID", "Label_T4", "Binary_TisT1T2_vs_T3T4"]
+# The columns the dataset's T4 training scripts read from train_split_T4.xlsx (other columns are ignored).
+SPLIT_HEADER = ["TCIA_ID", "Label_T4"]
 
 
 def test_train_split_spreadsheet_labels_the_training_cases(laryngealct_dir, tmp_path):
@@ -132,8 +133,8 @@ def test_train_split_spreadsheet_labels_the_training_cases(laryngealct_dir, tmp_
     test = read_test_split(laryngealct_dir / "test_split_206_reconstructed.csv")
     train_patients = [p for p in boxes["patient"] if p not in set(test["patient"])][:5]
     assert len(train_patients) == 5
-    rows = [[train_patients[0], 1, 1], [train_patients[1], 0, 1], [train_patients[2], 0, 0],
-            [train_patients[3], None, None], [train_patients[4], 1.0, 1.0]]
+    rows = [[train_patients[0], 1], [train_patients[1], 0], [train_patients[2], "0"],
+            [train_patients[3], None], [train_patients[4], 1.0]]
     xlsx = write_split_xlsx(tmp_path / "train_split_T4.xlsx", SPLIT_HEADER, rows)
     train = read_train_split(xlsx)
     assert list(train["patient"]) == train_patients
@@ -159,10 +160,10 @@ def test_train_split_errors_name_the_file_and_the_column(laryngealct_dir, tmp_pa
     no_id = write_split_xlsx(tmp_path / "no_id.xlsx", ["Case_ID", "Label_T4"], [["RADCURE_0006", 1]])
     with pytest.raises(AnnotationError, match=r"no_id\.xlsx: missing column\(s\) \['TCIA_ID'\]"):
         read_train_split(no_id)
-    bad = write_split_xlsx(tmp_path / "bad.xlsx", SPLIT_HEADER, [["RADCURE-0006", "T4", 1]])
+    bad = write_split_xlsx(tmp_path / "bad.xlsx", SPLIT_HEADER, [["RADCURE-0006", "T4"]])
     with pytest.raises(AnnotationError, match=r"bad\.xlsx: column Label_T4 must be 0, 1 or empty: \[\"row 2 \(RADCURE-0006"):
         read_train_split(bad)
-    twice = write_split_xlsx(tmp_path / "twice.xlsx", SPLIT_HEADER, [["RADCURE-0006", 1, 1], ["RADCURE_0006", 1, 1]])
+    twice = write_split_xlsx(tmp_path / "twice.xlsx", SPLIT_HEADER, [["RADCURE-0006", 1], ["RADCURE_0006", 1]])
     with pytest.raises(AnnotationError, match="twice.xlsx: patient.s. listed twice"):
         read_train_split(twice)
     not_xlsx = tmp_path / "train_split_T4.xlsx"
@@ -172,10 +173,10 @@ def test_train_split_errors_name_the_file_and_the_column(laryngealct_dir, tmp_pa
     # A patient in both splits, or one bbox3d lacks, is refused.
     boxes = parse_bbox3d(laryngealct_dir / "bbox3d.txt")
     test = read_test_split(laryngealct_dir / "test_split_206_reconstructed.csv")
-    clash = write_split_xlsx(tmp_path / "clash.xlsx", SPLIT_HEADER, [[test["TCIA_ID"][0], 0, 0]])
+    clash = write_split_xlsx(tmp_path / "clash.xlsx", SPLIT_HEADER, [[test["TCIA_ID"][0], 0]])
     with pytest.raises(AnnotationError, match="in both the train and the test split"):
         build_cohort(boxes, None, test, read_train_split(clash))
-    stranger = write_split_xlsx(tmp_path / "stranger.xlsx", SPLIT_HEADER, [["RADCURE-9999", 0, 0]])
+    stranger = write_split_xlsx(tmp_path / "stranger.xlsx", SPLIT_HEADER, [["RADCURE-9999", 0]])
     with pytest.raises(AnnotationError, match="train split names 1 patient.s. not in bbox3d"):
         build_cohort(boxes, None, test, read_train_split(stranger))
     # The CLI reports it and fails.
