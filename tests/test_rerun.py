@@ -190,6 +190,11 @@ def test_module_code_change_reruns_that_stage_and_after(demo):
         module.write_text(original)
     assert_reruns(actual, expected)
     assert not {job.rule for job in actual} & {"demo_case", "convert_series"}
+    # Training depends on the fold tables, not on each crop sidecar: a changed crop still reaches it
+    # (crop -> slices -> folds -> train), and the test-set ensemble and report after it.
+    assert {"export_slices", "split_folds", "train_fold", "evaluate_fold", "ensemble_test",
+            "aggregate_metrics"} <= {job.rule for job in actual}
+    assert jobs_of(demo, "train_fold") <= actual
     assert demo.dry_run() == set(), "restoring the module's code did not restore the run"
 
 
@@ -219,6 +224,8 @@ def test_changing_one_cases_dicom_file_reruns_that_case_and_aggregates(demo):
                    dict(re.findall(r"(\w+)=([^,\s]+)", demo.jobs[job]["wildcards"]))["case"] != case}
     assert not other_cases, describe(other_cases)
     assert per_case <= {job.rule for job in actual}
+    # one case's new crop reaches every training job through the fold tables
+    assert jobs_of(demo, "train_fold") <= actual and "split_folds" in {job.rule for job in actual}
 
 
 def test_dry_run_parser_and_downstream_on_the_toy_workflow(tmp_path):
