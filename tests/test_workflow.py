@@ -134,7 +134,10 @@ def test_crops_are_1mm_and_hold_the_planted_larynx(demo_run):
 
 
 def test_training_and_evaluation_outputs(demo_run):
-    config = {"classify": ["cnn3d", "resnet18", "resnet50", "resnet101", "densenet121"], "segment": ["snet", "unet"]}
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]
+    assert set(config) == {"classify", "segment"} and all(config.values()), config
     for task, models in config.items():
         for model in models:
             for fold in range(5):
