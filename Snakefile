@@ -26,7 +26,12 @@ include: "workflow/rules/exclusions.smk"
 include: "workflow/rules/report.smk"
 
 
+# On a cluster (profiles/slurm) the cheap whole-cohort rules (the cohort table, folds, fold slice
+# lists, exclusions, the test ensemble, report tables and figures, the demo's metadata) and `all`
+# run in the Snakemake process itself (`localrule: True`): a SLURM job each would only wait in
+# the queue. Per-case preprocessing, training and evaluation go to SLURM.
 rule all:
     default_target: True
     input:
         get_final_output(),
+    localrule: True

@@ -128,9 +128,13 @@ def missing_includes() -> list[str]:
 
 
 def demo_cmd(workdir: Path, *args: str) -> list[str]:
+    # Classification only: the SLURM path (groups, GPU jobs, identical results) is the same for both
+    # tasks, segmentation runs end to end in test_workflow and test_rerun, and a SLURM job of the
+    # one-GPU test node runs one training at a time (the CI time limit).
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(workdir),
-            "--configfile", str(REPO / "config" / "config.yaml"), str(SMALL_CONFIG), *args]
+            "--configfile", str(REPO / "config" / "config.yaml"), str(SMALL_CONFIG),
+            "--config", "tasks=[classify]", *args]
 
 
 def test_demo_workflow_on_slurm_equals_local_run(slurm, tmp_path):

@@ -49,6 +49,7 @@ if SOURCE == "demo":
             clinical="results/demo/clinical.tsv",
         log:
             "logs/demo_cohort/demo_cohort.log",
+        localrule: True
         conda:
             "../../envs/dicom.yaml"
         threads: 1

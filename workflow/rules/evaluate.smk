@@ -72,6 +72,7 @@ rule ensemble_test:
         metrics="results/evaluate/classify/{model}/test_ensemble/metrics.json",
     log:
         "logs/ensemble_test/classify_{model}.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1

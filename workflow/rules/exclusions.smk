@@ -9,6 +9,7 @@ rule collect_exclusions:
         tsv="results/exclusions.tsv",
     log:
         "logs/collect_exclusions/all.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1

@@ -19,6 +19,7 @@ rule write_cohort:
         cohort="results/cohort.tsv",
     log:
         "logs/write_cohort/all.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -44,6 +45,7 @@ rule split_folds:
         excluded="results/folds/{task}/excluded.tsv",
     log:
         "logs/split_folds/{task}.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -74,6 +76,7 @@ rule list_fold_slices:
         slices=expand("results/folds/segment/fold{fold}_slices.tsv", fold=FOLDS),
     log:
         "logs/list_fold_slices/segment.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1

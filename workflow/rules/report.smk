@@ -34,6 +34,7 @@ rule aggregate_metrics:
         comparison_md="results/report/comparison_published.md",
     log:
         "logs/aggregate_metrics/all.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     threads: 1
@@ -88,6 +89,7 @@ rule plot_results:
         svg=expand("results/report/{figure}.svg", figure=FIGURES),
     log:
         "logs/plot_results/all.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     threads: 1
@@ -124,6 +126,7 @@ rule plot_cohort:
         ),
     log:
         "logs/plot_cohort/all.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     threads: 1
@@ -151,6 +154,7 @@ rule plot_crop_qa:
         svg="results/report/crop_qa.svg",
     log:
         "logs/plot_crop_qa/all.log",
+    localrule: True
     conda:
         "../../envs/report.yaml"
     threads: 1

@@ -44,6 +44,7 @@ rule index_crops:
         index="results/train/crops_index.tsv",
     log:
         "logs/index_crops/all.log",
+    localrule: True
     conda:
         "../../envs/train.yaml"
     threads: 1
