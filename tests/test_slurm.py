@@ -8,6 +8,7 @@ job states. Job states come from squeue (no slurmdbd; see docs/cluster.md).
 
 from __future__ import annotations
 
+import datetime
 import filecmp
 import os
 import re
@@ -75,21 +76,31 @@ def run(cmd: list[str], cwd: Path, timeout_s: int) -> subprocess.CompletedProces
     return proc
 
 
-def slurm_jobs(workdir: Path) -> list[dict]:
-    """SLURM's records (`scontrol show job -d`) of the jobs that ran in ``workdir``."""
+def slurm_jobs(workdir: Path, since: datetime.datetime) -> list[dict]:
+    """SLURM's records (`scontrol show job -d`) of the jobs submitted in ``workdir`` from ``since`` on.
+
+    slurmctld keeps finished jobs for MinJobAge (an hour) across restarts: an earlier test session
+    on the same machine may have left records with the same pytest directory.
+    """
     out = subprocess.run(["scontrol", "-o", "-d", "show", "job"], capture_output=True, text=True,
                          check=True).stdout
     jobs = []
     for line in out.splitlines():
         record = dict(re.findall(r"(\S+?)=(\S*)", line))
-        if record.get("WorkDir") == str(workdir):
+        if record.get("WorkDir") != str(workdir):
+            continue
+        try:
+            submitted = datetime.datetime.fromisoformat(record.get("SubmitTime", ""))
+        except ValueError:  # no usable time: keep the record rather than hide a job
+            submitted = since
+        if submitted >= since:
             jobs.append(record)
     return jobs
 
 
-def check_job_records(workdir: Path) -> tuple[list[dict], list[dict]]:
+def check_job_records(workdir: Path, since: datetime.datetime) -> tuple[list[dict], list[dict]]:
     """All jobs completed; training jobs asked for a GPU; returns (training, preprocessing group) jobs."""
-    jobs = slurm_jobs(workdir)
+    jobs = slurm_jobs(workdir, since)
     assert jobs, f"no SLURM job records for {workdir}"
     failed = [(j["JobId"], j["Comment"], j["JobState"]) for j in jobs if j["JobState"] != "COMPLETED"]
     assert not failed, failed
@@ -108,11 +119,12 @@ def test_toy_workflow_runs_on_slurm_with_groups_and_gpu(slurm, tmp_path):
     """The SLURM machinery alone: 2 grouped per-case jobs in one SLURM job, 1 GPU job."""
     workdir = tmp_path / "toy"
     workdir.mkdir()
+    submitted_from = datetime.datetime.now().replace(microsecond=0)
     started = time.monotonic()
     run([sys.executable, "-m", "snakemake", "--snakefile", str(SLURM_DIR / "toy" / "Snakefile"),
          "--directory", str(workdir), *SLURM_TEST_ARGS], cwd=workdir, timeout_s=180)
     print(f"toy workflow on SLURM: {time.monotonic() - started:.1f} s")
-    train, groups = check_job_records(workdir)
+    train, groups = check_job_records(workdir, submitted_from)
     assert len(train) == 1 and len(groups) == 1
     # Both cases ran inside the one group job, and training saw the GPU SLURM gave it.
     group_id = groups[0]["JobId"]
@@ -146,11 +158,12 @@ def test_demo_workflow_on_slurm_equals_local_run(slurm, tmp_path):
     started = time.monotonic()
     run(demo_cmd(local, "--cores", "2"), cwd=local, timeout_s=300)
     local_s = time.monotonic() - started
+    submitted_from = datetime.datetime.now().replace(microsecond=0)
     started = time.monotonic()
     proc = run(demo_cmd(cluster, *SLURM_TEST_ARGS), cwd=cluster, timeout_s=420)
     print(f"demo (small): local {local_s:.0f} s, SLURM {time.monotonic() - started:.0f} s")
 
-    train, groups = check_job_records(cluster)
+    train, groups = check_job_records(cluster, submitted_from)
     out = proc.stdout + proc.stderr
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1].split("\n\n")[0], re.M))
     per_case_jobs = sum(int(stats.get(rule, 0)) for rule in PREPROCESS_RULES)
