@@ -177,6 +177,16 @@ def test_training_hyperparameter_reruns_that_models_training_and_after(demo, tmp
     assert {job.rule for job in actual} >= {"train_fold", "evaluate_fold"}
 
 
+def test_figure_style_reruns_only_the_figure_rules(demo, tmp_path):
+    """Issue 6: a figure's style (dpi, font size) reruns the figure rules and nothing else."""
+    seeds = set().union(*(jobs_of(demo, rule) for rule in ("plot_results", "plot_cohort", "plot_crop_qa")))
+    assert seeds
+    expected = downstream(demo.jobs, seeds)
+    actual = demo.dry_run(write_config(tmp_path, "report:\n  dpi: 90\n  font_size: 9\n"))
+    assert_reruns(actual, expected)
+    assert {job.rule for job in actual} <= {"plot_results", "plot_cohort", "plot_crop_qa", "all"}
+
+
 def test_module_code_change_reruns_that_stage_and_after(demo):
     module = demo.repo / "workflow" / "hnct" / "crop.py"
     original = module.read_text()
