@@ -59,16 +59,23 @@ class PredictionsError(ValueError):
     """A predictions file cannot be evaluated (names the file and the reason)."""
 
 
-def read_classify_predictions(path: str | Path, fold: int | None = None) -> pd.DataFrame:
-    """Read and check ``val_predictions.csv``: columns, one row per case, labels 0/1, P(T4) in [0, 1]."""
+def read_classify_predictions(path: str | Path, fold: int | None = None, allow_empty: bool = False,
+                              what: str = "predictions") -> pd.DataFrame:
+    """Read and check ``val_predictions.csv``: columns, one row per case, labels 0/1, P(T4) in [0, 1].
+
+    ``allow_empty``: a header-only file gives an empty table (``test_predictions.csv`` without a
+    test set) instead of an error.
+    """
     path = Path(path)
     if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file does not exist")
+        raise PredictionsError(f"{path}: {what} file does not exist")
     table = pd.read_csv(path, dtype={"case": str})
     missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
     if missing:
         raise PredictionsError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(PREDICTION_COLUMNS)})")
     if table.empty:
+        if allow_empty:
+            return table
         raise PredictionsError(f"{path}: no predictions (an empty validation fold)")
     duplicated = sorted(set(table.loc[table["case"].duplicated(), "case"]))
     if duplicated:
@@ -129,16 +136,7 @@ BEST_FOLD_CRITERION = ("validation ROC-AUC of the fold's best model (metrics.jso
 
 def read_test_predictions(path: str | Path, fold: int) -> pd.DataFrame:
     """A fold model's ``test_predictions.csv``; header-only (no test set) gives an empty table."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: test predictions file does not exist")
-    table = pd.read_csv(path, dtype={"case": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in table.columns]
-    if missing:
-        raise PredictionsError(f"{path}: missing column(s) {', '.join(missing)} (need {', '.join(PREDICTION_COLUMNS)})")
-    if table.empty:
-        return table
-    return read_classify_predictions(path, fold)
+    return read_classify_predictions(path, fold, allow_empty=True, what="test predictions")
 
 
 def _score(value: Any) -> float:
