@@ -271,13 +271,14 @@ def test_a_full_disk_is_an_exclusion_naming_the_series(server, tmp_path):
 def test_index_reads_headers_not_folder_names(server, served, tmp_path):
     run_fetch(server, tmp_path, "PAT-001", "COLL-A", "PAT-001")
     run_fetch(server, tmp_path, "PAT-003", "COLL-B", "PAT-003")
-    table = index_folder(tmp_path / "dicom")
+    table, _ = index_folder(tmp_path / "dicom")
     assert list(table["case"]) == ["PAT-001", "PAT-003"]
     assert list(table["series_uid"]) == [CT_1, CT_3]
     assert table.loc["PAT-001", "dicom_dir"] == "COLL-A/PAT-001/04-11-2005-NA-RT SIMULATION-11111"
     # Any folder of DICOM: the served tree is named by UID, not in the Data Retriever layout.
-    raw = index_folder(served)
+    raw, skipped = index_folder(served)
     assert set(raw["series_uid"]) == {CT_1, CT_2, CT_3, CT_LOCKED}
+    assert set(skipped["series_uid"]) == {RT_1, RT_2, PT_3}
     out = tmp_path / "cohort.tsv"
     assert fetch_main(["index", "--root", str(served), "--out", str(out)]) == 0
     assert out.read_text().splitlines()[0].startswith("case\tpatient\tcollection\tdicom_dir\tseries_uid")

@@ -46,6 +46,7 @@ import argparse
 import errno
 import hashlib
 import logging
+import os
 import re
 import shutil
 import sys
@@ -57,9 +58,11 @@ from typing import Any
 import pandas as pd
 import pydicom
 import requests
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from hnct.cohort import check_cohort, write_cohort
-from hnct.common import InputError, progress, run_case_stage, setup_logging
+from hnct.common import InputError, atomic_path, progress, run_case_stage, setup_logging
 from hnct.tcia import NBIAClient, NBIAError, read_token
 
 log = logging.getLogger("hnct.fetch")
@@ -427,47 +430,164 @@ def fetch_case(case: str, collection: str, patient: str, dicom_root: str | Path,
 
 # ------------------------------------------------------------------------------ other sources
 
-def index_folder(root: str | Path, collection: str = "") -> pd.DataFrame:
-    """A cohort table from any folder of DICOM, by headers: one case per CT series (localizers skipped).
+INDEX_PER = ("study", "series")
+SKIPPED_COLUMNS = ["path", "series_uid", "study_uid", "patient", "modality", "what", "n_files", "reason"]
 
-    Headers are read by :func:`hnct.dicomio.index_series` (folder and file names are not trusted).
-    ``dicom_dir`` is the folder holding the CT's files' folder (the study folder in the Data
-    Retriever layout, where the RTSTRUCT also lies), ``series_uid`` the CT; ``collection`` is the
-    first folder level under ``root`` unless given. A patient with several CT series gets cases
-    ``<PatientID>-01``, ``-02`` ... in (SeriesNumber, SeriesInstanceUID) order.
+
+def skipped_table_path(cohort_path: str | Path) -> Path:
+    """Where ``index`` writes its skipped table: ``cohort.tsv`` -> ``cohort.skipped.tsv`` beside it."""
+    cohort_path = Path(cohort_path)
+    stem = cohort_path.name[: -len(cohort_path.suffix)] if cohort_path.suffix else cohort_path.name
+    return cohort_path.with_name(f"{stem}.skipped.tsv")
+
+
+def _sop_class_name(first_file: str) -> str:
+    """The SOP class of a series' first file as its DICOM name ("CT Image Storage"), header only."""
+    ds = pydicom.dcmread(first_file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    uid = ds.get("SOPClassUID")
+    return UID(str(uid)).name if uid else ""
+
+
+def not_a_case_reason(series: pd.Series, sop_class: str) -> str:
+    """Why an indexed series cannot be a case ('' when it can: an acquired CT image series).
+
+    Label objects are read by convert from their study's folder; localizers, secondary captures
+    (the "Exam Summary" pages of a CD export), dose reports and other derived images are never
+    volumes a model should learn from.
+    """
+    modality, image_type = series["modality"], series["image_type"]
+    if modality in LABEL_MODALITIES:
+        return f"label object ({modality}): convert reads it from its study's folder, not a case"
+    if "Secondary Capture" in sop_class:
+        return f"secondary capture ({sop_class}), not an acquired CT"
+    if "Dose" in sop_class:
+        return f"dose report ({sop_class})"
+    if modality != "CT":
+        return f"modality {modality or '(none)'}, not CT"
+    if series["localizer"]:
+        return f"localizer/scout (ImageType {image_type})"
+    if any(t.split("\\")[0] == "DERIVED" for t in image_type.split(" | ")):
+        return f"derived image (ImageType {image_type}), not an acquired CT"
+    return ""
+
+
+def _header_only_reason(path: str, reason: str) -> str:
+    """A readable file that the index left out: say what it is (a DICOM CT without SeriesInstanceUID
+    is valid DICOM, never 'unreadable'), else keep dicomio's reason."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["Modality", "SOPClassUID", "SeriesInstanceUID"])
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
+        return reason
+    if not str(ds.get("SeriesInstanceUID", "") or "") and (ds.get("SOPClassUID") or ds.get("Modality")):
+        what = str(ds.get("Modality", "") or "") or UID(str(ds.SOPClassUID)).name
+        return f"valid DICOM ({what}) without a SeriesInstanceUID: no series UID to name in the cohort table"
+    return reason
+
+
+def _dicom_dir(files: list[Path]) -> Path:
+    """The folder a case's ``dicom_dir`` names: the common folder of the study's files; when that is
+    a single series folder below the root, the folder above it (the study folder in the Data
+    Retriever layout, where the RTSTRUCT also lies)."""
+    parents = {f.parent for f in files}
+    common = Path(os.path.commonpath([str(p) for p in parents]) or ".")
+    return common.parent if len(parents) == 1 and common.parent != Path(".") else common
+
+
+def index_folder(root: str | Path, collection: str = "", per: str = "study") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A cohort table from any folder of DICOM, by headers; returns (cohort, skipped).
+
+    Headers only (:func:`hnct.dicomio.index_series`, ``stop_before_pixels``; folder and file names
+    are not trusted). With ``per="study"`` (default) one case per CT study, its series chosen by
+    :func:`hnct.dicomio.choose_ct_series` (the rule convert uses) and the study's other CT series
+    listed in ``other_series`` (``;``-separated); with ``per="series"`` one case per CT series.
+    Localizers, secondary captures, dose reports, derived images, non-CT and label series never
+    become cases. ``skipped`` lists every series and file that is not a case, with the reason
+    (columns :data:`SKIPPED_COLUMNS`, paths relative to ``root``).
+
+    ``dicom_dir`` is relative to ``root`` (see :func:`_dicom_dir`); ``collection`` is the first
+    folder level under ``root`` unless given. A patient with several cases gets ``<PatientID>-01``,
+    ``-02`` ... in (StudyInstanceUID, SeriesNumber, SeriesInstanceUID) order.
     """
     from hnct import dicomio  # SimpleITK comes with it; imported here so `fetch case` starts fast
 
+    if per not in INDEX_PER:
+        raise ValueError(f"per must be one of {INDEX_PER}, not {per!r}")
     root = Path(root)
     index = dicomio.index_series(root)
+    skipped: list[dict[str, Any]] = []
+    for path, reason in index.attrs.get("unreadable", []):
+        skipped.append({"path": str(Path(path).relative_to(root)), "what": "file", "n_files": 1,
+                        "reason": _header_only_reason(path, reason)})
     if index.empty:
-        raise ValueError(f"no DICOM files under {root}")
-    ct = index[(index["modality"] == "CT") & ~index["localizer"].astype(bool)]
-    series_rows = []
-    for _, series in ct.iterrows():
-        files = [Path(f).relative_to(root) for f in series["files"]]
-        parents = sorted({f.parent for f in files})
-        series_folder = parents[0]
-        one_folder = len(parents) == 1 and series_folder.parent != Path(".")
+        raise ValueError(f"no DICOM series under {root} ({len(skipped)} files skipped, e.g. "
+                         f"{skipped[0]['path']}: {skipped[0]['reason']})" if skipped else f"no files under {root}")
+
+    def skip(series: pd.Series, what: str, reason: str) -> None:
+        folders = sorted({str(Path(f).parent.relative_to(root)) for f in series["files"]})
+        skipped.append({"path": ";".join(folders), "series_uid": series["series_uid"],
+                        "study_uid": series["study_uid"], "patient": series["patient_id"],
+                        "modality": series["modality"], "what": what, "n_files": int(series["n_files"]),
+                        "reason": reason})
+
+    candidates = []
+    for position, series in index.iterrows():
+        what = f"series {series['series_number'] or '?'} {series['series_description']!r}"
+        reason = not_a_case_reason(series, _sop_class_name(series["files"][0]))
+        if reason:
+            skip(series, what, reason)
+        else:
+            candidates.append(position)
+    ct = index.loc[candidates]
+    rows = []
+    groups = ct.groupby(["patient_id", "study_uid"] if per == "study" else ["series_uid"], sort=True)
+    for _, group in groups:
+        chosen, choice = dicomio.choose_ct_series(group["patient_id"].iloc[0], root, group)
+        others = group[group["series_uid"] != chosen["series_uid"]]
+        for _, other in others.iterrows():
+            skip(other, f"series {other['series_number'] or '?'} {other['series_description']!r}",
+                 f"another CT series of study {chosen['study_uid']}: the case uses {chosen['series_uid']} "
+                 f"({choice['rule']})")
+        study = index[(index["patient_id"] == chosen["patient_id"]) & (index["study_uid"] == chosen["study_uid"])]
+        files = [Path(f).relative_to(root) for fs in study["files"] for f in fs]
+        first = Path(chosen["files"][0]).relative_to(root)
         try:
-            number = float(series["series_number"] or 0)
+            number = float(chosen["series_number"] or 0)
         except ValueError:
             number = 0.0
-        series_rows.append({
-            "patient": series["patient_id"], "series_uid": series["series_uid"], "series_number": number,
-            "collection": collection or files[0].parts[0],
-            "dicom_dir": str(series_folder.parent if one_folder else series_folder),
+        rows.append({
+            "patient": chosen["patient_id"], "study_uid": chosen["study_uid"], "series_uid": chosen["series_uid"],
+            "series_number": number,
+            "collection": collection or (first.parts[0] if len(first.parts) > 1 else root.name),
+            "dicom_dir": str(_dicom_dir(files if per == "study" else [Path(f).relative_to(root)
+                                                                      for f in chosen["files"]])),
+            "other_series": ";".join(sorted(others["series_uid"])),
         })
-    if not series_rows:
-        raise ValueError(f"no CT series under {root}")
-    table = pd.DataFrame(series_rows).sort_values(["patient", "series_number", "series_uid"])
-    cases = []
-    for patient, group in table.groupby("patient", sort=False):
-        for k in range(len(group)):
-            cases.append(patient if len(group) == 1 else f"{patient}-{k + 1:02d}")
-    table["case"] = [re.sub(r"[^A-Za-z0-9._-]", "_", c) for c in cases]
-    return check_cohort(table[["case", "patient", "collection", "dicom_dir", "series_uid"]].reset_index(drop=True),
-                        source=f"index of {root}")
+    skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS).fillna("")
+    if not rows:
+        raise ValueError(f"no CT image series under {root}: {len(skipped_table)} series/files skipped ("
+                         + "; ".join(sorted(set(skipped_table["reason"])))[:500] + ")")
+    table = pd.DataFrame(rows).sort_values(["patient", "study_uid", "series_number", "series_uid"])
+    counts = table.groupby("patient")["series_uid"].transform("count")
+    order = table.groupby("patient").cumcount() + 1
+    table["case"] = [re.sub(r"[^A-Za-z0-9._-]", "_", p if n == 1 else f"{p}-{k:02d}")
+                     for p, n, k in zip(table["patient"], counts, order)]
+    cohort = check_cohort(table[["case", "patient", "collection", "dicom_dir", "series_uid", "other_series"]]
+                          .reset_index(drop=True), source=f"index of {root}")
+    return cohort, skipped_table
+
+
+def write_index(root: str | Path, out: str | Path, collection: str = "", per: str = "study") -> tuple[int, int]:
+    """``index`` as a command: writes the cohort table and its skipped table beside it (both atomic);
+    returns (cases, skipped)."""
+    cohort, skipped = index_folder(root, collection, per)
+    skipped_path = skipped_table_path(out)
+    with atomic_path(skipped_path) as tmp:
+        skipped.to_csv(tmp, sep="\t", index=False)
+    write_cohort(cohort, out)
+    log.info("wrote %s: %d cases (one per CT %s); skipped %d series/files, listed with reasons in %s",
+             out, len(cohort), per, len(skipped), skipped_path)
+    return len(cohort), len(skipped)
 
 
 def manifest_cohort(manifest_path: str | Path, client: NBIAClient) -> pd.DataFrame:
@@ -534,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     p_index.add_argument("--root", required=True)
     p_index.add_argument("--out", required=True)
     p_index.add_argument("--collection", default="")
+    p_index.add_argument("--per", choices=INDEX_PER, default="study",
+                         help="one case per CT study (its series chosen as convert does) or per CT series")
     p_man = sub.add_parser("manifest-cohort", help="cohort table from a .tcia manifest (asks the API)")
     p_man.add_argument("--manifest", required=True)
     p_man.add_argument("--out", required=True)
@@ -565,9 +687,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("case %s: %s", args.case, sidecar["status"])
         return 0
     if args.command == "index":
-        table = index_folder(args.root, args.collection)
-    else:
-        table = manifest_cohort(args.manifest, _client(args))
+        n_cases, n_skipped = write_index(args.root, args.out, args.collection, args.per)
+        print(f"{n_cases} cases -> {args.out}; skipped {n_skipped} series/files (reasons in "
+              f"{skipped_table_path(args.out)})")
+        return 0
+    table = manifest_cohort(args.manifest, _client(args))
     write_cohort(table, args.out)
     log.info("wrote %s: %d cases", args.out, len(table))
     return 0
