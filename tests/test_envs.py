@@ -31,7 +31,7 @@ IMPORT_TO_PYPI = {
     "SimpleITK": "simpleitk", "nrrd": "pynrrd", "skimage": "scikit-image",
     "sklearn": "scikit-learn", "PIL": "pillow", "requests": "requests",
     "matplotlib": "matplotlib", "torch": "torch", "monai": "monai", "yaml": "pyyaml",
-    "jsonschema": "jsonschema",
+    "jsonschema": "jsonschema", "highdicom": "highdicom",
 }
 
 

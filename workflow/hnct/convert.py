@@ -3,7 +3,9 @@
 Reads the case's DICOM folder through :mod:`hnct.dicomio` (which documents the series choice and
 the geometry checks), writes ``results/volumes/{case}.nrrd`` (int16 HU, LPS geometry, no
 compression) and, unless ``labels`` is ``none``, ``results/labels/{case}.nrrd`` (uint8, value =
-position in ``structures`` + 1) on the same grid, then the sidecar. Everything is computed in
+position in ``structures`` + 1) on the same grid, then the sidecar. Labels come from the RTSTRUCT
+(:mod:`hnct.dicomio`), the DICOM SEG (:mod:`hnct.seg`), whichever of the two the case has
+(``auto``: :func:`hnct.seg.pick_label_source`) or a mask folder. Everything is computed in
 memory before the first file is written, so an excluded case leaves no NRRD behind (stale ones
 from an earlier run are removed too).
 """
@@ -23,7 +25,7 @@ from hnct.common import InputError, atomic_path, run_case_stage, setup_logging
 
 log = logging.getLogger("hnct.convert")
 
-LABEL_SOURCES = ("rtstruct", "nrrd", "none")
+LABEL_SOURCES = ("rtstruct", "seg", "auto", "nrrd", "none")
 
 
 def series_uid_param(cohort) -> Callable[[Any], str]:
@@ -79,7 +81,7 @@ def convert_case(
     # Imported here so the rule file can import this module's params helpers without SimpleITK.
     import SimpleITK as sitk
 
-    from hnct import dicomio
+    from hnct import dicomio, seg
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
@@ -90,9 +92,12 @@ def convert_case(
         series, choice = dicomio.choose_ct_series(case, folder, index, series_uid)
         volume, geometry = dicomio.read_ct(case, series, max_tilt_deg, max_spacing_spread)
         label_image, label_report = None, None
-        if labels == "rtstruct":
+        source = seg.pick_label_source(index) if labels == "auto" else labels
+        if source == "rtstruct":
             label_image, label_report = dicomio.rtstruct_label_map(case, index, series, geometry, volume, structures)
-        elif labels == "nrrd":
+        elif source == "seg":
+            label_image, label_report = seg.seg_label_map(case, index, series, geometry, volume, structures)
+        elif source == "nrrd":
             label_image, label_report = dicomio.mask_folder_label_map(case, mask_dir, volume, structures)
         present: list[str] = []
         if label_image is not None:
@@ -130,7 +135,7 @@ def convert_case(
             "slice_positions": geometry["slice_positions"],
             "hu_clipped_voxels": geometry["hu_clipped_voxels"],
             "series_choice": choice,
-            "label_source": labels,
+            "label_source": source,
             "labels": {str(v): s for v, s in enumerate(structures, start=1)} if label_image is not None else {},
             "structures_present": present,
             "label_matching": label_report,

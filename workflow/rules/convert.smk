@@ -29,7 +29,7 @@ rule convert_series:
         required_structures=config["convert"]["required_structures"],
         max_tilt_deg=config["convert"]["max_tilt_deg"],
         max_spacing_spread=config["convert"]["max_spacing_spread"],
-        code=code_version("convert", "dicomio"),
+        code=code_version("convert", "dicomio", "seg"),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --series-uid {params.series_uid:q} --upstream {params.upstream:q}"

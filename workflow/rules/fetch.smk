@@ -14,7 +14,7 @@ if "series_uid_suffix" not in FETCH_TABLE.columns:
     FETCH_TABLE = FETCH_TABLE.assign(series_uid_suffix="")
 
 FETCH_LABELS = (
-    "--labels" if config["convert"]["labels"] == "rtstruct" else "--no-labels"
+    "--labels" if config["convert"]["labels"] in ("rtstruct", "seg", "auto") else "--no-labels"
 )
 
 

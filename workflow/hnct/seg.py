@@ -1,0 +1,178 @@
+"""DICOM SEG -> label map on the CT grid that convert wrote (highdicom), a label source of convert.
+
+:func:`seg_label_map` reads every SEG under the case folder with highdicom and keeps those that
+refer to the chosen CT: the SEG's ReferencedSeriesSequence names the CT series, or one of its
+frames' source images (DerivationImageSequence) is an instance of it, or (neither given) its
+FrameOfReferenceUID is the CT's. SEGs that refer elsewhere are ignored (listed in the report) as
+long as one refers to the CT; among those the one whose segments match the most ``structures``
+wins, then the smallest file path.
+
+Segment labels (SegmentLabel) match structures by :func:`hnct.dicomio.match_structures`, the rule
+RTSTRUCT ROI names follow (exact, then case-insensitive, then ignoring punctuation and spaces);
+segments carrying the matched label are combined. Each matched segment is read as a volume
+(highdicom ``get_volume``: frames placed by their PlanePositionSequence, in any order, frames
+left out by the writer are empty) and made binary: a BINARY segment as stored; a FRACTIONAL one
+(probability or occupancy) is inside where its value is at least 0.5 of MaximumFractionalValue.
+The segment then goes onto the CT grid:
+
+* frames on the CT's voxel grid (same orientation and pixel spacing, positions on CT voxels; a
+  SEG written over the CT always is): placed voxel for voxel (highdicom ``match_geometry``: axes
+  permuted, padded, cropped, never interpolated); voxels on planes outside the CT volume are
+  counted in the report (``voxels_outside_ct``);
+* otherwise (another grid of the same frame of reference): the fractional value is resampled
+  linearly onto the CT grid (SimpleITK) and thresholded at 0.5 as above; the report lists the
+  segment under ``resampled``. A segment that then has no voxel on the CT excludes the case.
+
+Label values are the position in ``structures`` + 1; where segments overlap, the later structure
+is painted over the earlier (as for RTSTRUCT). Unreadable SEGs, SEGs whose frames do not form a
+regular volume and SEGs that do not refer to the CT raise :class:`~hnct.common.InputError`
+naming case, file and reason (the case's sidecar says excluded).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import highdicom as hd
+import numpy as np
+import pandas as pd
+import pydicom
+import SimpleITK as sitk
+
+from hnct.common import InputError
+from hnct.dicomio import match_structures
+
+log = logging.getLogger("hnct.seg")
+
+# Fractional segments: inside where value >= FRACTION_INSIDE * MaximumFractionalValue.
+FRACTION_INSIDE = 0.5
+
+
+def pick_label_source(index: pd.DataFrame) -> str:
+    """``convert.labels: auto``: ``rtstruct`` when the case folder holds an RTSTRUCT, else ``seg`` when
+    it holds a SEG, else ``rtstruct`` (no contours: an empty label map, as for a case without any)."""
+    modalities = set(index["modality"]) if not index.empty else set()
+    return "seg" if "SEG" in modalities and "RTSTRUCT" not in modalities else "rtstruct"
+
+
+def _references(seg: hd.seg.Segmentation) -> tuple[set[str], set[str]]:
+    """(series UIDs the SEG names, SOP instance UIDs its frames were derived from)."""
+    series = {str(s.SeriesInstanceUID) for s in seg.get("ReferencedSeriesSequence", [])
+              if s.get("SeriesInstanceUID")}
+    sources: set[str] = set()
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in frame.get("DerivationImageSequence", []):
+            sources.update(str(s.ReferencedSOPInstanceUID) for s in derivation.get("SourceImageSequence", []))
+    return series, sources
+
+
+def check_seg_reference(case: str, file: str, seg: hd.seg.Segmentation, series: pd.Series,
+                        sop_uids: Sequence[str]) -> dict[str, Any]:
+    """Raise InputError unless the SEG refers to the chosen CT series; returns how it matched."""
+    uid = series["series_uid"]
+    ref_series, sources = _references(seg)
+    in_ct = sources & set(sop_uids)
+    note = {"n_source_instances": len(sources), "n_source_instances_in_ct": len(in_ct)}
+    if uid in ref_series:
+        return {"by": "ReferencedSeriesSequence", **note}
+    if in_ct:
+        return {"by": "per-frame source images", **note}
+    frame = str(seg.get("FrameOfReferenceUID", "") or "")
+    if not ref_series and not sources and frame and frame == series["frame_of_reference_uid"]:
+        return {"by": "FrameOfReferenceUID", **note}
+    raise InputError(case, file, f"SEG {file} refers to series {sorted(ref_series) or '(none)'} "
+                     f"({len(sources)} source instances, none in series {uid}; FrameOfReferenceUID "
+                     f"{frame or '(none)'}), not to CT series {uid}")
+
+
+def _segment_on_grid(case: str, file: str, seg: hd.seg.Segmentation, numbers: Sequence[int],
+                     reference: sitk.Image, ct_geometry: hd.Volume) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boolean (z, y, x) mask of the union of ``numbers`` on the reference grid, and how it got there."""
+    try:
+        volume = seg.get_volume(segment_numbers=list(numbers), combine_segments=False, rescale_fractional=True,
+                                dtype=np.float32)
+    except (ValueError, RuntimeError) as err:
+        raise InputError(case, file, f"SEG {file}: frames of segment(s) {list(numbers)} do not form a regular "
+                         f"volume ({err})") from None
+    fraction = volume.with_array(volume.array.max(axis=3), channels={})  # the union of the segments
+    n_inside = int((fraction.array >= FRACTION_INSIDE).sum())
+    try:
+        placed = fraction.match_geometry(ct_geometry)
+        mask = sitk.GetArrayFromImage(placed.to_simpleitk()) >= FRACTION_INSIDE
+        return mask, {"resampled": False, "voxels_outside_ct": n_inside - int(mask.sum())}
+    except RuntimeError:  # not on the CT's voxels: resample the fraction, then threshold
+        resampled = sitk.Resample(fraction.to_simpleitk(), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                  sitk.sitkFloat32)
+        mask = sitk.GetArrayFromImage(resampled) >= FRACTION_INSIDE
+        if n_inside and not mask.any():
+            raise InputError(case, file, f"SEG {file}: segment(s) {list(numbers)} do not overlap the CT volume")
+        return mask, {"resampled": True}
+
+
+def rasterise_seg(case: str, file: str, seg: hd.seg.Segmentation, reference: sitk.Image,
+                  structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Paint the SEG's segments matching ``structures`` on the reference grid: uint8 (z, y, x)."""
+    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    matched = match_structures(structures, sorted(set(labels.values())))
+    ct_geometry = hd.Volume.from_simpleitk(reference)
+    label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    report: dict[str, Any] = {
+        "matched": matched, "roi_names": sorted(set(labels.values())),
+        "segmentation_type": seg.segmentation_type.value, "threshold": f">= {FRACTION_INSIDE} of the maximum"
+        if seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL else "binary as stored",
+        "segments": {},
+    }
+    for value, structure in enumerate(structures, start=1):
+        if structure not in matched:
+            continue
+        numbers = sorted(n for n, name in labels.items() if name == matched[structure]["roi"])
+        mask, placement = _segment_on_grid(case, file, seg, numbers, reference, ct_geometry)
+        label[mask] = value
+        report["segments"][structure] = {"segment_numbers": numbers, **placement}
+    report["resampled"] = [s for s, p in report["segments"].items() if p["resampled"]]
+    return label, report
+
+
+def read_seg(case: str, file: str) -> hd.seg.Segmentation:
+    """A SEG file through highdicom; InputError (case, file, reason) when it is not a readable SEG."""
+    try:
+        return hd.seg.segread(file)
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError,
+            KeyError, IndexError) as err:
+        raise InputError(case, file, f"SEG {file} is not a readable DICOM SEG: {type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+
+
+def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
+                  reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
+    """The label map from the SEG under the case folder that refers to the chosen CT (module docstring)."""
+    seg_rows = index[index["modality"] == "SEG"] if not index.empty else index
+    if seg_rows.empty:
+        # No SEG at all: an empty label map; convert excludes the case if structures are required.
+        image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+        image.CopyInformation(reference)
+        return image, {"file": None, "note": f"no SEG beside CT series {series['series_uid']}",
+                       "matched": {}, "roi_names": []}
+    usable, rejected = [], []
+    for file in sorted(f for files in seg_rows["files"] for f in files):
+        try:
+            seg = read_seg(case, file)
+            reference_note = check_seg_reference(case, file, seg, series, geometry["sop_uids"])
+        except InputError as err:
+            rejected.append(err)
+            continue
+        names = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+        usable.append((-len(match_structures(structures, names)), file, seg, reference_note))
+    if not usable:
+        raise rejected[0]
+    usable.sort(key=lambda u: (u[0], u[1]))
+    _, file, seg, reference_note = usable[0]
+    label, report = rasterise_seg(case, file, seg, reference, structures)
+    report.update({"file": file, "reference": reference_note,
+                   "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]})
+    log.info("case %s: SEG %s (%s), segments %s", case, file, report["segmentation_type"],
+             {s: p["segment_numbers"] for s, p in report["segments"].items()})
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(reference)
+    return image, report
