@@ -4,6 +4,7 @@ CT, and SEGs written with highdicom from a demo case's label map, checked voxel 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,27 @@ def test_unreadable_seg_excludes_the_case_with_the_reason(testdata_dir, tmp_path
     assert sidecar["status"] == "ok"
     assert sidecar["label_matching"]["file"] == str(folder / "seg_good.dcm")
     assert [i["file"] for i in sidecar["label_matching"]["ignored"]] == [str(folder / "seg.dcm")]
+
+
+@pytest.mark.parametrize("shift_x_mm, z_last, reason", [
+    (0.0, 106.0, r"frames of segment\(s\) \[1\] do not form a regular volume"),
+    (1000.3, None, r"segment\(s\) \[1\] do not overlap the CT volume"),
+])
+def test_seg_whose_frames_cannot_go_on_the_ct_excludes_the_case(testdata_dir, tmp_path, shift_x_mm, z_last, reason):
+    ds = pydicom.dcmread(testdata_dir / "highdicom-seg" / "seg_image_ct_binary.dcm")
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        x, y, z = (float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient)
+        item.PlanePositionSequence[0].ImagePositionPatient = [round(x + shift_x_mm, 4), y, z]
+    if z_last is not None:  # frames at 103.02, 104.27, 106.0 mm: uneven
+        last = ds.PerFrameFunctionalGroupsSequence[-1].PlanePositionSequence[0]
+        last.ImagePositionPatient = [*last.ImagePositionPatient[:2], z_last]
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved)
+    folder = ct2_case(tmp_path, moved)
+    sidecar = convert(folder, tmp_path / "out")
+    assert sidecar["status"] == "excluded" and sidecar["file"] == str(folder / "seg.dcm")
+    assert re.search(reason, sidecar["reason"]), sidecar["reason"]
+    assert not list((tmp_path / "out").glob("*.nrrd"))
 
 
 # ------------------------------------------------------------------------- demo round trips

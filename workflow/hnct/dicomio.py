@@ -555,6 +555,22 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
     return label, report
 
 
+def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
+                        rejected: list[InputError]) -> tuple[str, Any, dict[str, Any]]:
+    """The label object (RTSTRUCT, SEG) to use among those that refer to the chosen CT.
+
+    ``usable``: (structures matched, file, dataset, how it refers to the CT) each; the most
+    structures matched wins, then the smallest file path. Returns (file, dataset, report fields:
+    file, reference, the ``ignored`` ones with their reasons); raises the first of ``rejected``
+    when none is usable.
+    """
+    if not usable:
+        raise rejected[0]
+    _, file, ds, reference_note = min(usable, key=lambda u: (-u[0], u[1]))
+    return file, ds, {"file": file, "reference": reference_note,
+                      "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]}
+
+
 def rtstruct_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
                        reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """The label map from the RTSTRUCT under the case folder that references the chosen CT.
@@ -584,14 +600,10 @@ def rtstruct_label_map(case: str, index: pd.DataFrame, series: pd.Series, geomet
                 rejected.append(err)
                 continue
             names = [str(r.ROIName) for r in ds.get("StructureSetROISequence", [])]
-            usable.append((-len(match_structures(structures, names)), file, ds, reference_note))
-    if not usable:
-        raise rejected[0]
-    usable.sort(key=lambda u: (u[0], u[1]))
-    _, file, ds, reference_note = usable[0]
+            usable.append((len(match_structures(structures, names)), file, ds, reference_note))
+    file, ds, chosen = choose_label_object(usable, rejected)
     label, report = rasterise_rtstruct(case, file, ds, reference, structures)
-    report.update({"file": file, "reference": reference_note,
-                   "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]})
+    report.update(chosen)
     image = sitk.GetImageFromArray(label)
     image.CopyInformation(reference)
     return image, report

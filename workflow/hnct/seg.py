@@ -41,7 +41,7 @@ import pydicom
 import SimpleITK as sitk
 
 from hnct.common import InputError
-from hnct.dicomio import match_structures
+from hnct.dicomio import choose_label_object, match_structures
 
 log = logging.getLogger("hnct.seg")
 
@@ -113,7 +113,7 @@ def _segment_on_grid(case: str, file: str, seg: hd.seg.Segmentation, numbers: Se
 def rasterise_seg(case: str, file: str, seg: hd.seg.Segmentation, reference: sitk.Image,
                   structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
     """Paint the SEG's segments matching ``structures`` on the reference grid: uint8 (z, y, x)."""
-    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", "")) for s in seg.SegmentSequence}
     matched = match_structures(structures, sorted(set(labels.values())))
     ct_geometry = hd.Volume.from_simpleitk(reference)
     label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
@@ -162,15 +162,11 @@ def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: d
         except InputError as err:
             rejected.append(err)
             continue
-        names = [str(s.SegmentLabel) for s in seg.SegmentSequence]
-        usable.append((-len(match_structures(structures, names)), file, seg, reference_note))
-    if not usable:
-        raise rejected[0]
-    usable.sort(key=lambda u: (u[0], u[1]))
-    _, file, seg, reference_note = usable[0]
+        names = [str(s.get("SegmentLabel", "")) for s in seg.SegmentSequence]
+        usable.append((len(match_structures(structures, names)), file, seg, reference_note))
+    file, seg, chosen = choose_label_object(usable, rejected)
     label, report = rasterise_seg(case, file, seg, reference, structures)
-    report.update({"file": file, "reference": reference_note,
-                   "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]})
+    report.update(chosen)
     log.info("case %s: SEG %s (%s), segments %s", case, file, report["segmentation_type"],
              {s: p["segment_numbers"] for s, p in report["segments"].items()})
     image = sitk.GetImageFromArray(label)
