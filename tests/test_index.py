@@ -63,6 +63,7 @@ def write_series(folder: Path, patient: str, study_uid: str, series_uid: str | N
 
 
 PATIENT = "PAT-A"
+NO_PATIENT_ID = generate_uid(entropy_srcs=["series without PatientID"])
 STUDIES = [generate_uid(entropy_srcs=["study", str(s)]) for s in (1, 2)]
 SERIES = {(s, name): generate_uid(entropy_srcs=[STUDIES[s], name])
           for s in (0, 1) for name in ("scout", "soft", "bone", "summary", "rtstruct", "dose")}
@@ -91,6 +92,8 @@ def cd_export(tmp_path_factory) -> Path:
                  999, "Dose Report", sop_class=XRayRadiationDoseSRStorage, modality="SR")
     write_series(root / "EXPORT" / "ANON" / "CT", "ANON", generate_uid(entropy_srcs=["anon"]), None, 4, 7,
                  "anonymised")
+    write_series(root / "EXPORT" / "NOID" / "CT", "", generate_uid(entropy_srcs=["noid"]), NO_PATIENT_ID, 3, 2,
+                 "no patient")
     (root / "EXPORT" / "README.TXT").write_text("exported by the scanner's CD writer\n")
     return root
 
@@ -134,6 +137,7 @@ def test_index_one_case_per_study(cd_export):
         assert SERIES[(s, "bone")] in reasons and SERIES[(s, "soft")] not in reasons
     assert reasons[SERIES[(0, "rtstruct")]].startswith("label object (RTSTRUCT)")
     assert reasons[SERIES[(1, "dose")]].startswith("dose report (X-Ray Radiation Dose SR")
+    assert reasons[NO_PATIENT_ID].startswith("CT without PatientID")
     readme = skipped[skipped["path"] == "EXPORT/README.TXT"]
     assert len(readme) == 1 and "not readable as DICOM" in readme["reason"].iloc[0]
     check_uidless(cohort, skipped)
@@ -177,3 +181,5 @@ def test_index_of_a_folder_without_ct_names_what_it_found(tmp_path):
                  sop_class=RTStructureSetStorage, modality="RTSTRUCT")
     with pytest.raises(ValueError, match=r"no CT image series .*label object \(RTSTRUCT\)"):
         index_folder(tmp_path)
+    assert fetch_main(["index", "--root", str(tmp_path), "--out", str(tmp_path / "cohort.tsv")]) == 1
+    assert not (tmp_path / "cohort.tsv").exists() and not (tmp_path / "cohort.skipped.tsv").exists()

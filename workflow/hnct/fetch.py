@@ -468,6 +468,9 @@ def not_a_case_reason(series: pd.Series, sop_class: str) -> str:
         return f"localizer/scout (ImageType {image_type})"
     if any(t.split("\\")[0] == "DERIVED" for t in image_type.split(" | ")):
         return f"derived image (ImageType {image_type}), not an acquired CT"
+    if not series["patient_id"]:
+        return ("CT without PatientID: folds keep a patient's scans together, so a case needs one "
+                "(set PatientID, or add the case to the table by hand)")
     return ""
 
 
@@ -687,7 +690,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("case %s: %s", args.case, sidecar["status"])
         return 0
     if args.command == "index":
-        n_cases, n_skipped = write_index(args.root, args.out, args.collection, args.per)
+        try:
+            n_cases, n_skipped = write_index(args.root, args.out, args.collection, args.per)
+        except ValueError as err:  # nothing to index: say what was found, write nothing
+            log.error("index of %s: %s", args.root, err)
+            return 1
         print(f"{n_cases} cases -> {args.out}; skipped {n_skipped} series/files (reasons in "
               f"{skipped_table_path(args.out)})")
         return 0
