@@ -13,8 +13,9 @@ FETCH_TABLE = COHORT.reset_index(drop=True)
 if "series_uid_suffix" not in FETCH_TABLE.columns:
     FETCH_TABLE = FETCH_TABLE.assign(series_uid_suffix="")
 
+# Label series (RTSTRUCT/SEG) are fetched unless convert takes labels from elsewhere or none.
 FETCH_LABELS = (
-    "--labels" if config["convert"]["labels"] in ("rtstruct", "seg", "auto") else "--no-labels"
+    "--no-labels" if config["convert"]["labels"] in ("nrrd", "none") else "--labels"
 )
 
 
