@@ -136,7 +136,7 @@ def test_index_one_case_per_study(cd_export):
         assert reasons[SERIES[(s, "bone")]].startswith(f"another CT series of study {STUDIES[s]}")
         assert SERIES[(s, "bone")] in reasons and SERIES[(s, "soft")] not in reasons
     assert reasons[SERIES[(0, "rtstruct")]].startswith("label object (RTSTRUCT)")
-    assert reasons[SERIES[(1, "dose")]].startswith("dose report (X-Ray Radiation Dose SR")
+    assert reasons[SERIES[(1, "dose")]].startswith("dose object (X-Ray Radiation Dose SR")
     assert reasons[NO_PATIENT_ID].startswith("CT without PatientID")
     readme = skipped[skipped["path"] == "EXPORT/README.TXT"]
     assert len(readme) == 1 and "not readable as DICOM" in readme["reason"].iloc[0]
@@ -172,7 +172,10 @@ def test_index_command_writes_skipped_table_and_says_how_many(cd_export, tmp_pat
                                      "n_files", "reason"]
     assert (skipped["reason"] != "").all()
     printed = capsys.readouterr().out
-    assert f"{len(cohort)} cases" in printed and f"skipped {len(skipped)} series/files" in printed
+    n_files = int((skipped["series_uid"] == "").sum())
+    assert n_files >= 1 and skipped.loc[skipped["path"] == "EXPORT/README.TXT", "series_uid"].tolist() == [""]
+    assert f"{len(cohort)} cases (one per CT study)" in printed
+    assert f"skipped {len(skipped) - n_files} series and {n_files} files" in printed
     assert "other_series" in cohort.columns
 
 

@@ -461,7 +461,7 @@ def not_a_case_reason(series: pd.Series, sop_class: str) -> str:
     if "Secondary Capture" in sop_class:
         return f"secondary capture ({sop_class}), not an acquired CT"
     if "Dose" in sop_class:
-        return f"dose report ({sop_class})"
+        return f"dose object ({sop_class}), not a CT image"
     if modality != "CT":
         return f"modality {modality or '(none)'}, not CT"
     if series["localizer"]:
@@ -580,17 +580,17 @@ def index_folder(root: str | Path, collection: str = "", per: str = "study") -> 
     return cohort, skipped_table
 
 
-def write_index(root: str | Path, out: str | Path, collection: str = "", per: str = "study") -> tuple[int, int]:
+def write_index(root: str | Path, out: str | Path, collection: str = "", per: str = "study") -> str:
     """``index`` as a command: writes the cohort table and its skipped table beside it (both atomic);
-    returns (cases, skipped)."""
+    returns what it did in a line (cases, skipped series, skipped files, where the reasons are)."""
     cohort, skipped = index_folder(root, collection, per)
     skipped_path = skipped_table_path(out)
     with atomic_path(skipped_path) as tmp:
         skipped.to_csv(tmp, sep="\t", index=False)
     write_cohort(cohort, out)
-    log.info("wrote %s: %d cases (one per CT %s); skipped %d series/files, listed with reasons in %s",
-             out, len(cohort), per, len(skipped), skipped_path)
-    return len(cohort), len(skipped)
+    n_files = int((skipped["series_uid"] == "").sum())
+    return (f"{len(cohort)} cases (one per CT {per}) -> {out}; skipped {len(skipped) - n_files} series and "
+            f"{n_files} files, each with its reason in {skipped_path}")
 
 
 def manifest_cohort(manifest_path: str | Path, client: NBIAClient) -> pd.DataFrame:
@@ -691,12 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "index":
         try:
-            n_cases, n_skipped = write_index(args.root, args.out, args.collection, args.per)
+            done = write_index(args.root, args.out, args.collection, args.per)
         except ValueError as err:  # nothing to index: say what was found, write nothing
             log.error("index of %s: %s", args.root, err)
             return 1
-        print(f"{n_cases} cases -> {args.out}; skipped {n_skipped} series/files (reasons in "
-              f"{skipped_table_path(args.out)})")
+        log.info("%s", done)
+        print(done)
         return 0
     table = manifest_cohort(args.manifest, _client(args))
     write_cohort(table, args.out)
