@@ -239,6 +239,7 @@ def test_demo_seg_round_trips_voxel_by_voxel(demo_case, tmp_path):
     assert sidecar["status"] == "ok", sidecar.get("reason")
     assert np.array_equal(label_array(tmp_path / "out"), demo_case["labels"])
     assert sidecar["label_matching"]["segmentation_type"] == "BINARY"
+    assert sidecar["label_matching"]["resampled"] == []  # on the CT grid: placed, not interpolated
     assert sidecar["label_matching"]["voxels"] == demo_case["rtstruct_sidecar"]["label_matching"]["voxels"]
 
 

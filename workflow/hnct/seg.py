@@ -86,8 +86,17 @@ def check_seg_reference(case: str, file: str, seg: hd.seg.Segmentation, series: 
                      f"{frame or '(none)'}), not to CT series {uid}")
 
 
+def ct_volume_geometry(reference: sitk.Image) -> hd.VolumeGeometry:
+    """The CT grid as a highdicom geometry, indices in SimpleITK's (x, y, z) order (as
+    ``Volume.from_simpleitk`` has them), without copying the CT's voxels."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+    affine[:3, 3] = reference.GetOrigin()
+    return hd.VolumeGeometry(affine, reference.GetSize(), "PATIENT")
+
+
 def _segment_on_grid(case: str, file: str, seg: hd.seg.Segmentation, numbers: Sequence[int],
-                     reference: sitk.Image, ct_geometry: hd.Volume) -> tuple[np.ndarray, dict[str, Any]]:
+                     reference: sitk.Image, ct_geometry: hd.VolumeGeometry) -> tuple[np.ndarray, dict[str, Any]]:
     """Boolean (z, y, x) mask of the union of ``numbers`` on the reference grid, and how it got there."""
     try:
         volume = seg.get_volume(segment_numbers=list(numbers), combine_segments=False, rescale_fractional=True,
@@ -115,7 +124,7 @@ def rasterise_seg(case: str, file: str, seg: hd.seg.Segmentation, reference: sit
     """Paint the SEG's segments matching ``structures`` on the reference grid: uint8 (z, y, x)."""
     labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", "")) for s in seg.SegmentSequence}
     matched = match_structures(structures, sorted(set(labels.values())))
-    ct_geometry = hd.Volume.from_simpleitk(reference)
+    ct_geometry = ct_volume_geometry(reference)
     label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
     report: dict[str, Any] = {
         "matched": matched, "roi_names": sorted(set(labels.values())),
