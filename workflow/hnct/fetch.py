@@ -36,7 +36,9 @@ The sidecar ``results/fetch/{case}.json`` lists every series (UID, modality, fol
 ``dicom_dir`` says).
 
 Other sources: ``python -m hnct.fetch index --root DIR --out cohort.tsv`` builds a cohort table from
-any folder of DICOM by reading headers (not folder names); ``python -m hnct.fetch manifest-cohort``
+any folder of DICOM by reading headers (not folder names), one case per CT study (``--per series``:
+per CT series), and lists every series and file it leaves out, with the reason, in
+``cohort.skipped.tsv`` beside it (:func:`index_folder`); ``python -m hnct.fetch manifest-cohort``
 builds one from a ``.tcia`` manifest (each series' PatientID from ``getSeriesMetaData``).
 """
 
