@@ -31,8 +31,9 @@ demo: $(STAMP)
 slurm:
 	bash tests/slurm/install.sh
 
+# PYTHONPATH: this clone's hnct and manifest, even when the venv's editable install points elsewhere.
 testdata: $(STAMP)
-	$(PY) -m hnct.testdata fetch
+	PYTHONPATH=$(CURDIR)/workflow $(PY) -m hnct.testdata fetch
 
 test: $(STAMP) slurm testdata
 	$(PY) -m pytest

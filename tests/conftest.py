@@ -29,7 +29,8 @@ def testdata_root() -> Path:
     try:
         return verify()
     except TestdataError as err:
-        pytest.fail(str(err), pytrace=False)
+        problem = str(err)
+    pytest.fail(problem, pytrace=False)  # outside the except: no chained traceback around the message
 
 
 @pytest.fixture(scope="session")

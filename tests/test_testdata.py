@@ -275,3 +275,14 @@ def test_tests_that_need_the_data_fail_saying_how_to_get_it(tmp_path):
     assert proc.returncode != 0
     assert f"test data folder {tmp_path / 'empty'} does not exist: run `make testdata`" in proc.stdout
     assert "1 error" in proc.stdout
+
+
+def test_an_unreachable_file_host_is_tried_once_not_for_every_file(raw_files, tmp_path):
+    server, items = raw_files
+    url = server.url
+    server.stop()
+    with pytest.raises(TestdataError) as err:
+        fetch(tmp_path / "cache", items, sources=sources_for(url))
+    assert f"{items[0].path}: {url}/{items[0].locator}: download failed (ConnectionError" in str(err.value)
+    assert f"{items[1].path}: not tried, {url} cannot be reached" in str(err.value)
+    assert "set HNCT_TESTDATA" in str(err.value)

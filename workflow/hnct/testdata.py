@@ -185,9 +185,13 @@ def copy_checked(src: Path, root: Path, item: Item, origin: str) -> None:
 def fetch_github(items: list[Item], root: Path, sources: Sources) -> list[str]:
     """Download each ``github:`` item's raw file; returns the errors."""
     errors = []
+    unreachable = ""  # after a connection failure (every retry spent) the rest is not tried
     with sources.session() as session:
         for item in items:
             url = f"{sources.raw_url.rstrip('/')}/{item.locator}"
+            if unreachable:
+                errors.append(f"{item.path}: not tried, {unreachable}")
+                continue
             log.info("downloading %s", url)
             try:
                 with atomic_path(root / item.path, suffix="") as tmp:
@@ -200,6 +204,9 @@ def fetch_github(items: list[Item], root: Path, sources: Sources) -> list[str]:
                     check_file(tmp, item, url)
             except requests.exceptions.RequestException as err:
                 errors.append(f"{item.path}: {url}: download failed ({type(err).__name__}: {err})")
+                if isinstance(err, requests.exceptions.ConnectionError) and not isinstance(
+                        err, requests.exceptions.ChunkedEncodingError):
+                    unreachable = f"{sources.raw_url} cannot be reached"
             except TestdataError as err:
                 errors.append(str(err))
     return errors
@@ -311,7 +318,9 @@ def fetch(root: str | Path | None = None, items: list[Item] | None = None, copy_
             errors += failed
             counts[kind] += len(wanted) - len(failed)
     if errors:
-        raise TestdataError(f"{len(errors)} problem(s) placing the test data in {root}:\n  " + "\n  ".join(errors))
+        raise TestdataError(f"{len(errors)} problem(s) placing the test data in {root}:\n  " + "\n  ".join(errors)
+                            + "\nWithout network: copy a verified cache from a machine that has one and set "
+                            + f"{ENV} to it (or pass --copy-from a copy laid out like ../shared)")
     return dict(counts)
 
 
