@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real test data lies, and how to run the workflow in a temp dir."""
+"""Shared fixtures: the verified real test data (hnct.testdata), and how to run the workflow in a temp dir."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -19,20 +18,29 @@ def repo_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.exists():
-        pytest.fail(f"shared test data not found at {SHARED} (CI places it beside the clone)")
-    return SHARED
+def testdata_root() -> Path:
+    """The verified test data cache ($HNCT_TESTDATA, else the user cache; `make testdata` fills it).
+
+    A missing folder or a file that fails its SHA-256 fails the tests that need it, saying how to
+    get the data; nothing is read from ../shared directly.
+    """
+    from hnct.testdata import TestdataError, verify
+
+    try:
+        return verify()
+    except TestdataError as err:
+        problem = str(err)
+    pytest.fail(problem, pytrace=False)  # outside the except: no chained traceback around the message
 
 
 @pytest.fixture(scope="session")
-def testdata_dir(shared_dir: Path) -> Path:
-    return shared_dir / "testdata" / "real"
+def testdata_dir(testdata_root: Path) -> Path:
+    return testdata_root / "testdata" / "real"
 
 
 @pytest.fixture(scope="session")
-def laryngealct_dir(shared_dir: Path) -> Path:
-    return shared_dir / "laryngealct"
+def laryngealct_dir(testdata_root: Path) -> Path:
+    return testdata_root / "laryngealct"
 
 
 def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None) -> list[str]:

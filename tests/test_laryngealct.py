@@ -1,4 +1,4 @@
-"""laryngealct: parsing the published annotation files (samples in ../shared/laryngealct), the
+"""laryngealct: parsing the published annotation files (samples in the test data cache, hnct.testdata), the
 cohort table, and the checked annotation download (served from 127.0.0.1)."""
 
 from __future__ import annotations
