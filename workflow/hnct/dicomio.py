@@ -87,6 +87,8 @@ INDEX_COLUMNS = [
     "pixel_spacing", "matrix", "consistent_geometry", "localizer", "manufacturer", "model", "kernel", "instances",
 ]
 GANTRY_TILT = ("correct", "exclude")
+# What index_series skips, in the order a "no DICOM image series" reason lists them.
+SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
 INT16_MIN, INT16_MAX = -32768, 32767
 # Positions closer than this (mm along the normal) are "the same position".
@@ -169,10 +171,8 @@ def _series_key(ds: pydicom.Dataset, orientation: tuple[float, ...] | None) -> t
 
 def _skip_summary(skipped: Sequence[tuple[str, str, str]]) -> str:
     """'3 non-DICOM files, 1 DICOM file without a series UID or modality' from (path, kind, reason)."""
-    counts: dict[str, int] = {}
-    for _, kind, _ in skipped:
-        counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{n} {kind if n != 1 else kind.replace('files', 'file')}" for kind, n in counts.items())
+    counts = {kind: sum(1 for _, k, _ in skipped if k == kind) for kind in SKIP_KINDS}
+    return ", ".join(f"{n} {kind if n != 1 else kind.replace('files', 'file')}" for kind, n in counts.items() if n)
 
 
 def index_series(folder: str | os.PathLike) -> pd.DataFrame:
