@@ -89,7 +89,7 @@ def convert_case(
         folder = Path(dicom_dir)
         if not folder.is_dir():
             raise InputError(case, folder, f"no DICOM image series under {folder} (folder does not exist)")
-        index = dicomio.index_series(folder)
+        index = dicomio.index_series(folder, keep_datasets=True)
         series, choice = dicomio.choose_ct_series(case, folder, index, series_uid)
         volume, geometry = dicomio.read_ct(case, series, gantry_tilt=gantry_tilt, max_tilt_deg=max_tilt_deg,
                                            max_spacing_spread=max_spacing_spread,

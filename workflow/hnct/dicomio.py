@@ -65,7 +65,7 @@ import pandas as pd
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale
+from pydicom.pixels import apply_rescale, pixel_array
 
 from hnct.common import InputError, progress
 
@@ -87,6 +87,8 @@ INDEX_COLUMNS = [
     "pixel_spacing", "matrix", "consistent_geometry", "localizer", "manufacturer", "model", "kernel", "instances",
 ]
 GANTRY_TILT = ("correct", "exclude")
+# Elements larger than this are read only when used (the pixel data, while indexing for convert).
+DEFER_BYTES = 16384
 # What index_series skips, in the order a "no DICOM image series" reason lists them.
 SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
@@ -113,10 +115,25 @@ def _text(value: Any) -> str:
 def _floats(value: Any) -> tuple[float, ...] | None:
     if value is None or value == "":
         return None
+    if isinstance(value, str):
+        value = value.split("\\")
     try:
         return tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
+
+
+def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
+    """The value of an ASCII-only element (VR UI, CS, IS, DS) as text, multiple values joined by
+    backslashes, straight from the raw bytes when pydicom has not converted it yet: converting
+    DS/IS values to pydicom objects is half the cost of indexing a folder."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("ascii", "replace").strip(" \0")
+    return _text(value)
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -145,9 +162,9 @@ def _frame_geometry(ds: pydicom.Dataset, frame: int | None) -> dict[str, Any]:
     orientation = _frame_item(ds, frame, "PlaneOrientationSequence")
     measures = _frame_item(ds, frame, "PixelMeasuresSequence")
     return {
-        "position": _floats((position or ds).get("ImagePositionPatient")),
-        "orientation": _floats((orientation or ds).get("ImageOrientationPatient")),
-        "pixel_spacing": _floats((measures or ds).get("PixelSpacing")),
+        "position": _floats(_ascii(position or ds, "ImagePositionPatient")),
+        "orientation": _floats(_ascii(orientation or ds, "ImageOrientationPatient")),
+        "pixel_spacing": _floats(_ascii(measures or ds, "PixelSpacing")),
     }
 
 
@@ -155,16 +172,16 @@ def _series_key(ds: pydicom.Dataset, orientation: tuple[float, ...] | None) -> t
     """Series identity of a file: its SeriesInstanceUID, or (when that is empty or missing) the
     header facts one series shares: study, series number, frame of reference, orientation,
     acquisition number. Returns (key, how) with how = {} for a UID."""
-    uid = _text(ds.get("SeriesInstanceUID"))
+    uid = _ascii(ds, "SeriesInstanceUID")
     if uid:
         return uid, {}
     facts = {
-        "StudyInstanceUID": _text(ds.get("StudyInstanceUID")),
-        "SeriesNumber": _text(ds.get("SeriesNumber")),
-        "FrameOfReferenceUID": _text(ds.get("FrameOfReferenceUID")),
+        "StudyInstanceUID": _ascii(ds, "StudyInstanceUID"),
+        "SeriesNumber": _ascii(ds, "SeriesNumber"),
+        "FrameOfReferenceUID": _ascii(ds, "FrameOfReferenceUID"),
         "ImageOrientationPatient": "\\".join(f"{c:.4f}" for c in orientation) if orientation else "",
-        "AcquisitionNumber": _text(ds.get("AcquisitionNumber")),
-        "Modality": _text(ds.get("Modality")).upper(),
+        "AcquisitionNumber": _ascii(ds, "AcquisitionNumber"),
+        "Modality": _ascii(ds, "Modality").upper(),
     }
     return "no-uid:" + "|".join(facts.values()), facts
 
@@ -175,7 +192,7 @@ def _skip_summary(skipped: Sequence[tuple[str, str, str]]) -> str:
     return ", ".join(f"{n} {kind if n != 1 else kind.replace('files', 'file')}" for kind, n in counts.items() if n)
 
 
-def index_series(folder: str | os.PathLike) -> pd.DataFrame:
+def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> pd.DataFrame:
     """One row per series found under ``folder`` (any layout), from headers only.
 
     A series is its SeriesInstanceUID; files whose SeriesInstanceUID is empty or missing are
@@ -191,6 +208,10 @@ def index_series(folder: str | os.PathLike) -> pd.DataFrame:
     frame (None for a single-frame file), sop_uid, position (LPS mm), orientation,
     pixel_spacing, rows, cols). Files skipped are listed in ``df.attrs["unreadable"]`` as
     ``(path, reason)`` and summarised in ``df.attrs["skipped_summary"]`` ("2 non-DICOM files").
+
+    With ``keep_datasets`` (convert) every file is parsed whole, its pixel data deferred, and the
+    instance keeps it as ``dataset``: decoding then reads only the pixel data, so each file's
+    header is parsed once. Otherwise (a folder index) only the header tags above are read.
     """
     folder = Path(folder)
     skipped: list[tuple[str, str, str]] = []
@@ -199,7 +220,10 @@ def index_series(folder: str | os.PathLike) -> pd.DataFrame:
     paths = list(_iter_files(folder)) if folder.is_dir() else []
     for path in progress(paths, every=200, what=f"indexing {folder}"):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
+            if keep_datasets:
+                ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+            else:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
         except OSError as err:
             skipped.append((str(path), "unreadable files", f"cannot read the file: {err}"))
             continue
@@ -210,7 +234,7 @@ def index_series(folder: str | os.PathLike) -> pd.DataFrame:
         multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
         frames = list(range(n_frames)) if multi else [None]
         first = _frame_geometry(ds, frames[0])
-        if not _text(ds.get("SeriesInstanceUID")) and not _text(ds.get("Modality")):
+        if not _ascii(ds, "SeriesInstanceUID") and not _ascii(ds, "Modality"):
             skipped.append((str(path), "DICOM files without a series UID or modality",
                             "DICOM without SeriesInstanceUID or Modality (not an image of a series, e.g. DICOMDIR)"))
             continue
@@ -219,23 +243,25 @@ def index_series(folder: str | os.PathLike) -> pd.DataFrame:
             identity[key] = how
         common = {
             "file": str(path),
-            "sop_uid": _text(ds.get("SOPInstanceUID")),
+            "sop_uid": _ascii(ds, "SOPInstanceUID"),
             "patient_id": _text(ds.get("PatientID")),
-            "study_uid": _text(ds.get("StudyInstanceUID")),
-            "series_uid": _text(ds.get("SeriesInstanceUID")),
-            "modality": _text(ds.get("Modality")).upper(),
+            "study_uid": _ascii(ds, "StudyInstanceUID"),
+            "series_uid": _ascii(ds, "SeriesInstanceUID"),
+            "modality": _ascii(ds, "Modality").upper(),
             "series_description": _text(ds.get("SeriesDescription")),
-            "series_number": _text(ds.get("SeriesNumber")),
-            "image_type": _text(ds.get("ImageType")).upper(),
-            "frame_of_reference_uid": _text(ds.get("FrameOfReferenceUID")),
+            "series_number": _ascii(ds, "SeriesNumber"),
+            "image_type": _ascii(ds, "ImageType").upper(),
+            "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
             "rows": int(ds.get("Rows") or 0),
             "cols": int(ds.get("Columns") or 0),
             "manufacturer": _text(ds.get("Manufacturer")),
             "model": _text(ds.get("ManufacturerModelName")),
             "kernel": _text(ds.get("ConvolutionKernel")),
-            "instance_number": _text(ds.get("InstanceNumber")),
-            "gantry_tilt": _floats([ds.get("GantryDetectorTilt")])[0] if ds.get("GantryDetectorTilt") else None,
+            "instance_number": _ascii(ds, "InstanceNumber"),
+            "gantry_tilt": (_floats(_ascii(ds, "GantryDetectorTilt")) or [None])[0],
         }
+        if keep_datasets:
+            common["dataset"] = ds
         for frame in frames:
             by_series.setdefault(key, []).append(
                 {**common, "frame": frame, **(first if frame == frames[0] else _frame_geometry(ds, frame))})
@@ -449,6 +475,7 @@ def slice_geometry(case: str, series: pd.Series, *, gantry_tilt: str = "correct"
     geometry = {
         "files": files,
         "frames": [inst.get("frame") for inst in instances],
+        "datasets": [inst.get("dataset") for inst in instances],
         "sop_uids": [inst["sop_uid"] for inst in instances],
         "origin": positions[0].tolist(),
         "spacing": [sx, sy, spacing_z],
@@ -554,11 +581,12 @@ def _decode_error(file: str, ds: pydicom.Dataset | None, err: Exception) -> str:
     return f"cannot decode pixel data{named}: {type(err).__name__}: {first_line}"
 
 
-def _read_pixels_hu(case: str, files: Sequence[str],
-                    frames: Sequence[int | None] | None = None) -> tuple[np.ndarray, int]:
+def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None] | None = None,
+                    datasets: Sequence[pydicom.Dataset | None] | None = None) -> tuple[np.ndarray, int]:
     """HU (modality rescale applied, rounded, clipped to int16) as int16 (z, y, x), slices in the
-    given order (``frames[i]``: the frame of a multi-frame file, None for a single frame), and
-    the number of voxels that had to be clipped.
+    given order (``frames[i]``: the frame of a multi-frame file, None for a single frame;
+    ``datasets[i]``: the file already parsed with its pixel data deferred, or None), and the
+    number of voxels that had to be clipped.
 
     pydicom decodes the pixel data (it checks its length against the header, unlike SimpleITK's
     series reader; compressed transfer syntaxes through the pylibjpeg plugins, RLE natively);
@@ -567,18 +595,21 @@ def _read_pixels_hu(case: str, files: Sequence[str],
     rescale is applied in integers straight into the preallocated int16 volume.
     """
     frames = list(frames) if frames is not None else [None] * len(files)
+    datasets = list(datasets) if datasets is not None else [None] * len(files)
     remaining: dict[str, int] = {}
     for file in files:
         remaining[file] = remaining.get(file, 0) + 1
     decoded: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
     volume: np.ndarray | None = None
     n_clipped = 0
-    for index, (file, frame) in enumerate(progress(list(zip(files, frames)), every=100, what="decoding slices")):
-        ds = None
+    for index, (file, frame, ds) in enumerate(progress(list(zip(files, frames, datasets)), every=100,
+                                                      what="decoding slices")):
         try:
             if file not in decoded:
-                ds = pydicom.dcmread(file)
-                decoded[file] = (ds, ds.pixel_array)
+                ds = ds if ds is not None and "PixelData" in ds else pydicom.dcmread(file)
+                # pixel_array(ds) decodes without caching the array on the (index's) dataset; the
+                # pixel data bytes it loaded are released below, once the file's frames are placed.
+                decoded[file] = (ds, pixel_array(ds))
             ds, stored = decoded[file]
             if frame is not None:
                 if stored.ndim != 3 or frame >= stored.shape[0]:
@@ -592,6 +623,7 @@ def _read_pixels_hu(case: str, files: Sequence[str],
             raise InputError(case, file, _decode_error(file, ds, err)) from None
         remaining[file] -= 1
         if not remaining[file]:
+            del decoded[file][0].PixelData
             del decoded[file]
         if hu.ndim != 2:
             raise InputError(case, file, f"expected one 2-D frame per slice, got pixel data of shape {hu.shape}")
@@ -617,7 +649,7 @@ def read_ct(case: str, series: pd.Series, **checks: Any) -> tuple[sitk.Image, di
     resampled onto the orthogonal equidistant grid that function plans.
     """
     geometry = slice_geometry(case, series, **checks)
-    hu, n_clipped = _read_pixels_hu(case, geometry["files"], geometry["frames"])
+    hu, n_clipped = _read_pixels_hu(case, geometry["files"], geometry["frames"], geometry["datasets"])
     rows_cols = (int(series["instances"][0]["rows"]), int(series["instances"][0]["cols"]))
     if hu.shape[1:] != rows_cols:
         raise InputError(case, geometry["files"][0], f"pixel data shape {hu.shape[1:]} does not match headers "
