@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pandas as pd
-
 from hnct.common import InputError, atomic_path, run_case_stage, setup_logging
 
 log = logging.getLogger("hnct.convert")
@@ -32,6 +30,8 @@ def series_uid_param(cohort) -> Callable[[Any], str]:
 
     Made here rather than in the rule file so the rules stay free of function definitions.
     """
+    import pandas as pd
+
     uids = {str(case): "" if pd.isna(uid) else str(uid).strip()
             for case, uid in zip(cohort["case"], cohort.get("series_uid", pd.Series([""] * len(cohort))))}
 
@@ -89,7 +89,7 @@ def convert_case(
         folder = Path(dicom_dir)
         if not folder.is_dir():
             raise InputError(case, folder, f"no DICOM image series under {folder} (folder does not exist)")
-        index = dicomio.index_series(folder, keep_datasets=True)
+        index = dicomio.scan_series(folder, keep_datasets=True)
         series, choice = dicomio.choose_ct_series(case, folder, index, series_uid)
         volume, geometry = dicomio.read_ct(case, series, gantry_tilt=gantry_tilt, max_tilt_deg=max_tilt_deg,
                                            max_spacing_spread=max_spacing_spread,
@@ -126,7 +126,7 @@ def convert_case(
             "n_files": int(series["n_files"]),
             "n_slices": len(geometry["files"]),
             "dicom_dir": str(folder),
-            "unreadable_files": [{"file": f, "reason": r} for f, r in index.attrs.get("unreadable", [])],
+            "unreadable_files": [{"file": f, "reason": r} for f, r in index.unreadable],
             "size": geometry["size"],
             "spacing": geometry["spacing"],
             "origin": geometry["origin"],

@@ -60,14 +60,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from collections import Counter
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale, pixel_array
 
 from hnct.common import InputError, progress
+
+if TYPE_CHECKING:  # pandas is imported only to build index_series' DataFrame: convert starts without it
+    import pandas as pd
 
 log = logging.getLogger("hnct.dicomio")
 
@@ -192,7 +197,38 @@ def _skip_summary(skipped: Sequence[tuple[str, str, str]]) -> str:
     return ", ".join(f"{n} {kind if n != 1 else kind.replace('files', 'file')}" for kind, n in counts.items() if n)
 
 
-def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> pd.DataFrame:
+class SeriesIndex(list):
+    """The rows of :func:`index_series` as dicts (same keys as its columns), without pandas, plus
+    ``unreadable`` and ``skipped_summary`` (its ``attrs``). What convert works on: importing pandas
+    costs a third of a second of every convert job."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), unreadable: Iterable[tuple[str, str]] = (),
+                 skipped_summary: str = ""):
+        super().__init__(rows)
+        self.unreadable = list(unreadable)
+        self.skipped_summary = skipped_summary
+
+
+def as_series_index(index: "SeriesIndex | pd.DataFrame") -> SeriesIndex:
+    """A SeriesIndex from either form of the index."""
+    if isinstance(index, SeriesIndex):
+        return index
+    return SeriesIndex(index.to_dict("records"), index.attrs.get("unreadable", []),
+                       index.attrs.get("skipped_summary", ""))
+
+
+def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> "pd.DataFrame":
+    """:func:`scan_series` as a DataFrame (one row per series), what is skipped in ``df.attrs``."""
+    import pandas as pd
+
+    index = scan_series(folder, keep_datasets)
+    df = pd.DataFrame(list(index), columns=INDEX_COLUMNS)
+    df.attrs["unreadable"] = index.unreadable
+    df.attrs["skipped_summary"] = index.skipped_summary
+    return df
+
+
+def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> SeriesIndex:
     """One row per series found under ``folder`` (any layout), from headers only.
 
     A series is its SeriesInstanceUID; files whose SeriesInstanceUID is empty or missing are
@@ -206,8 +242,8 @@ def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> pd.D
     tuples), pixel_spacing (distinct [row, col] mm), matrix (distinct (rows, cols)),
     consistent_geometry, localizer, manufacturer, model, kernel, instances`` (per slice: file,
     frame (None for a single-frame file), sop_uid, position (LPS mm), orientation,
-    pixel_spacing, rows, cols). Files skipped are listed in ``df.attrs["unreadable"]`` as
-    ``(path, reason)`` and summarised in ``df.attrs["skipped_summary"]`` ("2 non-DICOM files").
+    pixel_spacing, rows, cols). Files skipped are listed in ``unreadable`` as ``(path, reason)``
+    and summarised in ``skipped_summary`` ("2 non-DICOM files").
 
     With ``keep_datasets`` (convert) every file is parsed whole, its pixel data deferred, and the
     instance keeps it as ``dataset``: decoding then reads only the pixel data, so each file's
@@ -300,60 +336,58 @@ def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> pd.D
             "kernel": first["kernel"],
             "instances": instances,
         })
-    df = pd.DataFrame(rows, columns=INDEX_COLUMNS)
-    df.attrs["unreadable"] = [(path, reason) for path, _, reason in skipped]
-    df.attrs["skipped_summary"] = _skip_summary(skipped)
-    return df
+    return SeriesIndex(rows, [(path, reason) for path, _, reason in skipped], _skip_summary(skipped))
 
 
 # ----------------------------------------------------------------------------- series choice
 
 
-def choose_ct_series(case: str, folder: str | os.PathLike, index: pd.DataFrame,
-                     series_uid: str = "") -> tuple[pd.Series, dict[str, Any]]:
+def choose_ct_series(case: str, folder: str | os.PathLike, index: "SeriesIndex | pd.DataFrame",
+                     series_uid: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Choose the CT series by the rule in the module docstring; returns (row, series_choice)."""
-    if index.empty:
-        summary = index.attrs.get("skipped_summary", "")
+    index = as_series_index(index)
+    if not index:
+        summary = index.skipped_summary
         found = f": found {summary}" if summary else " (no files)"
         raise InputError(case, folder, f"no DICOM image series under {folder}{found}")
     candidates = [
-        {"series_uid": r.series_uid, "series_key": r.series_key, "modality": r.modality,
-         "n_files": int(r.n_files), "n_slices": int(r.n_slices), "series_description": r.series_description,
-         "localizer": bool(r.localizer), "consistent_geometry": bool(r.consistent_geometry)}
-        for r in index.itertuples()
+        {"series_uid": r["series_uid"], "series_key": r["series_key"], "modality": r["modality"],
+         "n_files": int(r["n_files"]), "n_slices": int(r["n_slices"]), "series_description": r["series_description"],
+         "localizer": bool(r["localizer"]), "consistent_geometry": bool(r["consistent_geometry"])}
+        for r in index
     ]
     choice: dict[str, Any] = {"candidates": candidates, "requested_series_uid": series_uid or ""}
     if series_uid:
-        hit = index[index["series_uid"] == series_uid]
-        if hit.empty:
+        hit = [r for r in index if r["series_uid"] == series_uid]
+        if not hit:
             found = ", ".join(f"{c['series_uid'] or c['series_key']} ({c['modality']}, {c['n_files']} files)"
                               for c in candidates)
             raise InputError(case, folder, f"requested series {series_uid} not found under {folder}; found: {found}")
-        row = hit.iloc[0]
+        row = hit[0]
         if row["modality"] != "CT":
             raise InputError(case, row["files"][0], f"requested series {series_uid} is {row['modality']}, not CT")
         choice["rule"] = "series_uid given by the cohort table"
         choice["series_uid"] = series_uid
         return row, choice
-    ct = index[index["modality"] == "CT"]
-    if ct.empty:
-        found = ", ".join(sorted(f"{m} ({n} series)" for m, n in index["modality"].value_counts().items()))
+    ct = [r for r in index if r["modality"] == "CT"]
+    if not ct:
+        found = ", ".join(sorted(f"{m} ({n} series)" for m, n in Counter(r["modality"] for r in index).items()))
         raise InputError(case, folder, f"no CT series under {folder}; found modalities: {found}")
-    not_localizer = ct[~ct["localizer"]]
-    if not_localizer.empty:
+    not_localizer = [r for r in ct if not r["localizer"]]
+    if not not_localizer:
         raise InputError(case, folder, f"only localizer/scout CT series under {folder} "
-                         f"({', '.join(ct['series_key'])})")
-    volumes = not_localizer[not_localizer["n_slices"] >= 2]
-    pool = volumes if not volumes.empty else not_localizer
-    ranked = sorted(pool.itertuples(), key=lambda r: (not r.consistent_geometry, -int(r.n_slices), r.series_key))
+                         f"({', '.join(r['series_key'] for r in ct)})")
+    volumes = [r for r in not_localizer if r["n_slices"] >= 2]
+    pool = volumes or not_localizer
+    ranked = sorted(pool, key=lambda r: (not r["consistent_geometry"], -int(r["n_slices"]), r["series_key"]))
     best = ranked[0]
     reasons = ["modality CT", "not a localizer (ImageType LOCALIZER/SCOUT or a lone slice)"]
     if len(ranked) > 1:
         reasons.append("consistent geometry, then most slices, then smallest SeriesInstanceUID")
     choice["rule"] = "; ".join(reasons)
-    choice["series_uid"] = best.series_uid
-    choice["series_identity"] = best.series_identity
-    return index.loc[best.Index], choice
+    choice["series_uid"] = best["series_uid"]
+    choice["series_identity"] = best["series_identity"]
+    return best, choice
 
 
 # ----------------------------------------------------------------------------- reading the CT
@@ -400,7 +434,7 @@ def _gap_error(case: str, uid: str, files: list[str], along: np.ndarray, steps: 
                       f"> max_slice_gap_mm {max_slice_gap_mm:g})")
 
 
-def slice_geometry(case: str, series: pd.Series, *, gantry_tilt: str = "correct", max_tilt_deg: float = 0.5,
+def slice_geometry(case: str, series: dict[str, Any], *, gantry_tilt: str = "correct", max_tilt_deg: float = 0.5,
                    max_spacing_spread: float = 0.01, max_slice_gap_mm: float = 5.0,
                    slice_step_mm: float = 0.0) -> dict[str, Any]:
     """Sort the series' slices along the normal, check them and plan the output grid.
@@ -641,7 +675,7 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
     return volume, n_clipped
 
 
-def read_ct(case: str, series: pd.Series, **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
+def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
     """The CT series as an int16 HU SimpleITK image (LPS geometry from the headers) + geometry info.
 
     ``checks`` are :func:`slice_geometry`'s keywords (gantry_tilt, max_tilt_deg,
@@ -707,7 +741,7 @@ def _rtstruct_references(ds: pydicom.Dataset) -> tuple[set[str], set[str], set[s
     return sops, series, frames
 
 
-def check_rtstruct_reference(case: str, file: str, ds: pydicom.Dataset, series: pd.Series,
+def check_rtstruct_reference(case: str, file: str, ds: pydicom.Dataset, series: dict[str, Any],
                              sop_uids: Iterable[str]) -> dict[str, Any]:
     """Raise InputError unless the RTSTRUCT refers to the chosen CT series; returns how it matched."""
     sops, ref_series, frames = _rtstruct_references(ds)
@@ -816,24 +850,25 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
     return label, report
 
 
-def rtstruct_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
-                       reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
+def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: dict[str, Any],
+                       geometry: dict[str, Any], reference: sitk.Image,
+                       structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """The label map from the RTSTRUCT under the case folder that references the chosen CT.
 
     Several RTSTRUCTs: the ones whose references do not resolve are ignored (listed in the
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
-    rt_rows = index[index["modality"] == "RTSTRUCT"]
-    if rt_rows.empty:
+    rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
+    if not rt_rows:
         # No contours at all: an empty label map; convert excludes the case if structures are required.
         image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         image.CopyInformation(reference)
         return image, {"file": None, "note": f"no RTSTRUCT beside CT series {series['series_uid']}",
                        "matched": {}, "roi_names": []}
     usable, rejected = [], []
-    for files in rt_rows["files"]:
-        for file in files:
+    for row in rt_rows:
+        for file in row["files"]:
             try:
                 ds = pydicom.dcmread(file)
             except (InvalidDicomError, OSError, ValueError) as err:
