@@ -593,19 +593,21 @@ def resample_slices(hu: np.ndarray, plan: dict[str, Any], size: Sequence[int]) -
     return out
 
 
-def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset, frame: int | None) -> np.ndarray:
-    """Modality rescale of one frame: the usual CT rescale (slope 1, integer intercept) in integers,
-    anything else through pydicom's apply_rescale; enhanced files take theirs from the
-    Pixel Value Transformation functional group."""
+def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
+                   frame: int | None) -> tuple[np.ndarray, int | None]:
+    """Modality rescale of one frame: ``(stored, intercept)`` for the usual CT rescale (slope 1, an
+    integer intercept, added by the caller straight into the int16 volume), else ``(HU, None)``
+    through pydicom's apply_rescale; enhanced files take theirs from the Pixel Value
+    Transformation functional group."""
     transform = _frame_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
     source = transform or ds
     slope = float(source.get("RescaleSlope", 1) or 1)
     intercept = float(source.get("RescaleIntercept", 0) or 0)
     if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
-        return stored.astype(np.int32) + int(intercept)
+        return stored, int(intercept)
     if transform is not None:
-        return np.rint(stored * slope + intercept)
-    return np.rint(apply_rescale(stored, ds))
+        return np.rint(stored * slope + intercept), None
+    return np.rint(apply_rescale(stored, ds)), None
 
 
 def _decode_error(file: str, ds: pydicom.Dataset | None, err: Exception) -> str:
@@ -650,7 +652,7 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
                     raise InputError(case, file, f"frame {frame + 1} of {file} is missing from its pixel data "
                                      f"(shape {stored.shape})")
                 stored = stored[frame]
-            hu = _rescale_to_hu(stored, ds, frame)
+            hu, intercept = _rescale_to_hu(stored, ds, frame)
         except InputError:
             raise
         except Exception as err:  # noqa: BLE001 - any decoder failure is this file's bad input
@@ -665,6 +667,12 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
             volume = np.empty((len(files), *hu.shape), dtype=np.int16)
         elif hu.shape != volume.shape[1:]:
             raise InputError(case, file, f"slices differ in pixel matrix size: {hu.shape} vs {volume.shape[1:]}")
+        if intercept is not None:
+            if INT16_MIN <= int(hu.min()) + intercept and int(hu.max()) + intercept <= INT16_MAX:
+                # The common case: added in int32, written into the int16 slice, no temporary volume.
+                np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
+                continue
+            hu = hu.astype(np.int32) + intercept
         outside = (hu < INT16_MIN) | (hu > INT16_MAX)
         if outside.any():
             n_clipped += int(np.count_nonzero(outside))
