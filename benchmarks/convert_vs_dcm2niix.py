@@ -49,19 +49,31 @@ def generated_series(workdir: Path, n_slices: int, rows: int) -> Path:
     return workdir / case["ct_dir"]
 
 
-def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: float) -> dict[str, Any]:
+def hnct_cmd(name: str, folder: Path, out: Path) -> list[str]:
+    return benchutil.python_cmd() + [
+        "-m", "hnct.convert", "--case", name, "--dicom-dir", str(folder), "--volume", str(out / f"{name}.nrrd"),
+        "--sidecar", str(out / f"{name}.json"), "--labels", "none"]
+
+
+def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: float,
+                 reference_checkout: Path | None = None) -> dict[str, Any]:
     out = workdir / f"out-{name}"
     out.mkdir(parents=True, exist_ok=True)
     commands = {
-        "hnct": benchutil.python_cmd() + [
-            "-m", "hnct.convert", "--case", name, "--dicom-dir", str(folder), "--volume", str(out / f"{name}.nrrd"),
-            "--sidecar", str(out / f"{name}.json"), "--labels", "none"],
-        "dcm2niix": [dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
+        "hnct": (hnct_cmd(name, folder, out), None),
+        "dcm2niix": ([dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
+                     None),
     }
+    if reference_checkout:
+        # The same command on another checkout (e.g. before a change), to see the gain in this run.
+        env = benchutil.worker_env()
+        env["PYTHONPATH"] = str(reference_checkout / "workflow")
+        (out / "reference").mkdir(exist_ok=True)
+        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env)
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in commands}
     for attempt in range(repeat + 1):  # the first round warms the page cache and is not kept
-        for tool, cmd in commands.items():
-            measured = benchutil.run_measured(cmd, timeout=timeout)
+        for tool, (cmd, env) in commands.items():
+            measured = benchutil.run_measured(cmd, timeout=timeout, env=env)
             if measured["returncode"] != 0:
                 raise SystemExit(f"{tool} failed on {folder}:\n{measured['stdout'][-2000:]}{measured['stderr'][-2000:]}")
             if attempt:
@@ -76,6 +88,8 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
         "median_wall_s": {tool: round(v, 4) for tool, v in medians.items()},
         "median_peak_rss_mb": {tool: statistics.median(r["peak_rss_mb"] for r in rs) for tool, rs in runs.items()},
         "ratio_hnct_over_dcm2niix": round(medians["hnct"] / medians["dcm2niix"], 3),
+        "ratio_reference_over_dcm2niix": round(medians["hnct_reference"] / medians["dcm2niix"], 3)
+        if "hnct_reference" in medians else None,
         "within_target": medians["hnct"] / medians["dcm2niix"] <= TARGET_RATIO,
     }
 
@@ -86,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lung1", default=str(LUNG1), help="the LUNG1-001 CT folder (skipped if absent)")
     parser.add_argument("--small", action="store_true", help="one 64 x 64 x 20 generated series (smoke test)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per child, seconds")
+    parser.add_argument("--reference-checkout", default=None,
+                        help="another hnct checkout to time alongside (its workflow/ on PYTHONPATH)")
     parser.add_argument("--workdir", default=None, help="where generated series and outputs go (default: temp)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/convert_vs_dcm2niix.json)")
     args = parser.parse_args(argv)
@@ -102,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"LUNG1-001 not found at {args.lung1}: skipped", file=sys.stderr)
             series.append(("generated-512x512x300", generated_series(workdir / "gen", 300, 512)))
-        pairs = [measure_pair(name, folder, workdir, args.repeat, args.timeout) for name, folder in series]
+        reference = Path(args.reference_checkout).resolve() if args.reference_checkout else None
+        pairs = [measure_pair(name, folder, workdir, args.repeat, args.timeout, reference) for name, folder in series]
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "benchmark": "convert_vs_dcm2niix",
         "reference": "dcm2niix -z n -b n (PyPI dcm2niix), same series, alternating runs",
+        "reference_checkout": str(reference) if reference else None,
         "target": f"hnct / dcm2niix <= {TARGET_RATIO} (median whole-process wall time)",
         "machine": benchutil.finish_info(info),
         "pairs": pairs,
@@ -117,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     print(benchutil.format_table(
         [{"series": p["series"], "hnct": p["median_wall_s"]["hnct"], "dcm2niix": p["median_wall_s"]["dcm2niix"],
           "ratio": p["ratio_hnct_over_dcm2niix"], "ok": "yes" if p["within_target"] else "no",
+          "before": p["ratio_reference_over_dcm2niix"],
           "hnct_mb": p["median_peak_rss_mb"]["hnct"], "d2n_mb": p["median_peak_rss_mb"]["dcm2niix"]}
          for p in pairs],
         [("series", "series", ""), ("hnct", "hnct s", ".3f"), ("dcm2niix", "dcm2niix s", ".3f"),
-         ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""), ("hnct_mb", "hnct MB", ".0f"),
+         ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""), ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
          ("d2n_mb", "dcm2niix MB", ".0f")]))
     print(f"load average {info['loadavg_start']} -> {info['loadavg_end']}; written {path}")
     return 0
