@@ -75,7 +75,8 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
         for tool, (cmd, env) in commands.items():
             measured = benchutil.run_measured(cmd, timeout=timeout, env=env)
             if measured["returncode"] != 0:
-                raise SystemExit(f"{tool} failed on {folder}:\n{measured['stdout'][-2000:]}{measured['stderr'][-2000:]}")
+                raise SystemExit(f"{tool} failed on {folder}:\n"
+                                 f"{measured['stdout'][-2000:]}{measured['stderr'][-2000:]}")
             if attempt:
                 runs[tool].append({"wall_s": round(measured["wall_s"], 4),
                                    "peak_rss_mb": round(measured["peak_rss_mb"], 1)})
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
           "hnct_mb": p["median_peak_rss_mb"]["hnct"], "d2n_mb": p["median_peak_rss_mb"]["dcm2niix"]}
          for p in pairs],
         [("series", "series", ""), ("hnct", "hnct s", ".3f"), ("dcm2niix", "dcm2niix s", ".3f"),
-         ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""), ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
+         ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""),
+         ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
          ("d2n_mb", "dcm2niix MB", ".0f")]))
     print(f"load average {info['loadavg_start']} -> {info['loadavg_end']}; written {path}")
     return 0

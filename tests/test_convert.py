@@ -80,7 +80,8 @@ def test_lung1_rtstruct_label_volumes_are_plausible(lung1):
 
 BROKEN = [
     # (folder, convert options, reason pattern, why)
-    ("dicom2nifti-failing/gantrytilting/001", {"gantry_tilt": "exclude"}, r"gantry tilt: .* 14\.00 deg", "tilted planes"),
+    ("dicom2nifti-failing/gantrytilting/001", {"gantry_tilt": "exclude"}, r"gantry tilt: .* 14\.00 deg",
+     "tilted planes"),
     ("dicom2nifti-failing/notavolume/001", {}, r"not a volume: 4 of 4 slices .* share a position", "dup"),
     ("dicom2nifti-failing/sliceincrement/001", {}, r"missing slice\(s\) between z=28\.11 and z=38\.11", "gap"),
     # 002 is both tilted (15.5 deg) and missing a slice; the tilt is found first.

@@ -185,7 +185,8 @@ def test_missing_slice_is_interpolated_onto_the_even_grid_within_the_gap_bound(t
 
 def test_missing_slice_beyond_the_gap_bound_is_an_input_error_naming_both_files(tmp_path):
     ct = write_ct_series(tmp_path, 6, skip=(3,))
-    with pytest.raises(InputError, match=r"missing slice\(s\) between z=34.00 and z=38.00 .* max_slice_gap_mm 3") as err:
+    pattern = r"missing slice\(s\) between z=34.00 and z=38.00 .* max_slice_gap_mm 3"
+    with pytest.raises(InputError, match=pattern) as err:
         read(tmp_path, max_slice_gap_mm=3.0)
     assert ct["files"][2].name in err.value.file and ct["files"][4].name in err.value.file
 
