@@ -173,3 +173,20 @@ def test_train_throughput_tiny_writes_json(tmp_path):
     for mode in ("pipeline", "preloaded"):
         assert result["results"][mode]["samples_per_s"] > 0
     assert result["device"] in {"cpu", "cuda"}
+
+
+def test_convert_vs_dcm2niix_tiny_series_writes_json(tmp_path):
+    out = tmp_path / "convert_vs_dcm2niix.json"
+    proc = _run("convert_vs_dcm2niix.py", "--small", "--repeat", "1", "--workdir", str(tmp_path / "work"),
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (pair,) = result["pairs"]
+    assert pair["series"] == "generated-64x64x20" and pair["n_files"] == 20
+    assert set(pair["runs"]) == {"hnct", "dcm2niix"} and all(len(r) == 1 for r in pair["runs"].values())
+    assert pair["ratio_hnct_over_dcm2niix"] > 0 and math.isfinite(pair["ratio_hnct_over_dcm2niix"])
+    assert result["machine"]["versions"]["dcm2niix"] == "1.0.20260724"
+    # Both tools really converted the series: hnct's sidecar is ok, dcm2niix wrote its NIfTI.
+    sidecar = json.loads((tmp_path / "work" / "out-generated-64x64x20" / "generated-64x64x20.json").read_text())
+    assert sidecar["status"] == "ok" and sidecar["size"] == [64, 64, 20]
+    assert list((tmp_path / "work" / "out-generated-64x64x20").glob("*_dcm2niix.nii"))

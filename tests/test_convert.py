@@ -79,24 +79,53 @@ def test_lung1_rtstruct_label_volumes_are_plausible(lung1):
 
 
 BROKEN = [
-    # (folder, status, reason pattern, why)
-    ("dicom2nifti-failing/gantrytilting/001", "excluded", r"gantry tilt: .* 14\.00 deg", "tilted planes"),
-    ("dicom2nifti-failing/notavolume/001", "excluded", r"not a volume: 4 of 4 slices .* share a position", "dup"),
-    ("dicom2nifti-failing/sliceincrement/001", "excluded", r"missing slice\(s\) between z=28\.11 and z=38\.11", "gap"),
+    # (folder, convert options, reason pattern, why)
+    ("dicom2nifti-failing/gantrytilting/001", {"gantry_tilt": "exclude"}, r"gantry tilt: .* 14\.00 deg",
+     "tilted planes"),
+    ("dicom2nifti-failing/notavolume/001", {}, r"not a volume: 4 of 4 slices .* share a position", "dup"),
+    ("dicom2nifti-failing/sliceincrement/001", {}, r"missing slice\(s\) between z=28\.11 and z=38\.11", "gap"),
     # 002 is both tilted (15.5 deg) and missing a slice; the tilt is found first.
-    ("dicom2nifti-failing/sliceincrement/002", "excluded", r"gantry tilt: .* 15\.50 deg", "tilt+gap"),
-    ("rt-utils/one_slice_data", "excluded", r"too few slices: series .* has 1 slice", "one slice"),
-    ("rt-utils/empty", "excluded", r"no CT series under .*; found modalities: RTSTRUCT", "only an RTSTRUCT"),
+    ("dicom2nifti-failing/sliceincrement/002", {"gantry_tilt": "exclude"}, r"gantry tilt: .* 15\.50 deg", "tilt+gap"),
+    ("rt-utils/one_slice_data", {}, r"too few slices: series .* has 1 slice", "one slice"),
+    ("rt-utils/empty", {}, r"no CT series under .*; found modalities: RTSTRUCT", "only an RTSTRUCT"),
 ]
 
 
-@pytest.mark.parametrize("folder,status,reason,why", BROKEN, ids=[f"{b[0]}-{b[1]}" for b in BROKEN])
-def test_broken_real_inputs_are_excluded_with_a_readable_reason(testdata_dir, tmp_path, folder, status, reason, why):
-    sidecar, out = run(testdata_dir / folder, tmp_path)
-    assert sidecar["status"] == status and sidecar["stage"] == "convert"
+@pytest.mark.parametrize("folder,options,reason,why", BROKEN, ids=[f"{b[0]}-{b[3]}" for b in BROKEN])
+def test_broken_real_inputs_are_excluded_with_a_readable_reason(testdata_dir, tmp_path, folder, options, reason, why):
+    sidecar, out = run(testdata_dir / folder, tmp_path, **options)
+    assert sidecar["status"] == "excluded" and sidecar["stage"] == "convert"
     assert re.search(reason, sidecar["reason"]), sidecar["reason"]
     assert sidecar["file"]
     assert not list(out.rglob("*.nrrd")), "an excluded case must leave no NRRD"
+
+
+REPAIRED = [
+    # (folder, convert options, tilt degrees, original steps mm, resampled step mm)
+    ("dicom2nifti-failing/gantrytilting/001", {}, 14.0, [4.852] * 3, 4.852),
+    ("dicom2nifti-failing/sliceincrement/002", {}, 15.5, [0.75, 0.75, 1.499], 0.75),
+    ("dicom2nifti-failing/sliceincrement/001", {"max_slice_gap_mm": 10.0}, 0.0, [5.0, 5.0, 10.0], 5.0),
+]
+
+
+@pytest.mark.parametrize("folder,options,tilt_deg,steps,step", REPAIRED, ids=[r[0] for r in REPAIRED])
+def test_tilted_and_uneven_real_series_convert_resampled(testdata_dir, tmp_path, folder, options, tilt_deg,
+                                                         steps, step):
+    sidecar, out = run(testdata_dir / folder, tmp_path, labels="none", **options)
+    assert sidecar["status"] == "ok", sidecar.get("reason")
+    positions = sidecar["slice_positions"]
+    assert np.diff(positions["original_positions_mm"]) == pytest.approx(steps, abs=2e-3)
+    assert positions["spacing_mm"] == pytest.approx(step, abs=2e-3)
+    image = sitk.ReadImage(str(out / "volumes" / "C.nrrd"))
+    assert image.GetSpacing()[2] == pytest.approx(step, abs=2e-3)
+    assert image.GetSize()[2] == round(sum(steps) / step) + 1
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    assert np.allclose(direction.T @ direction, np.eye(3), atol=1e-6), "the grid must be orthogonal"
+    if tilt_deg:
+        assert positions["tilt"]["angle_deg"] == pytest.approx(tilt_deg, abs=0.01)
+        assert "gantry tilt" in positions["resampled"]["why"]
+    else:
+        assert "tilt" not in positions and positions["resampled"]["why"] == ["uneven slice spacing"]
 
 
 def test_oriented_data_converts_correctly_as_an_oblique_volume(testdata_dir, tmp_path):
@@ -143,7 +172,7 @@ def test_empty_or_missing_folder_is_excluded(tmp_path):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "missing"):
         sidecar, _ = run(folder, tmp_path)
-        assert sidecar["status"] == "excluded" and sidecar["reason"].startswith(f"no DICOM files under {folder}")
+        assert sidecar["status"] == "excluded" and sidecar["reason"].startswith(f"no DICOM image series under {folder}")
 
 
 def test_required_structure_missing_excludes_and_removes_stale_outputs(tmp_path):
@@ -231,10 +260,17 @@ def test_demo_case_with_localizer_converts_and_matches_pydicom(demo_cohort, tmp_
 def test_demo_broken_cases_are_excluded(demo_cohort, tmp_path):
     import hnct.demo
 
-    reasons = {"gap": r"missing slice\(s\) between", "no_ct": r"no CT series .* found modalities: MR"}
-    for kind, pattern in reasons.items():
+    # The gap case lost a slice file that its RTSTRUCT still references: within max_slice_gap_mm
+    # the CT is interpolated and the RTSTRUCT's reference to the lost slice excludes it; beyond, the gap does.
+    gap_thickness = float(demo_cohort[demo_cohort["demo_kind"] == "gap"].iloc[0]["slice_thickness"])
+    gap_reason = (r"missing slice\(s\) between" if 2 * gap_thickness > 5.0
+                  else r"references SOP instances not in series .*1 of \d+ unresolved")
+    cases = [("gap", {}, gap_reason), ("gap", {"max_slice_gap_mm": 1.0}, r"missing slice\(s\) between"),
+             ("no_ct", {}, r"no CT series .* found modalities: MR")]
+    for n, (kind, options, pattern) in enumerate(cases):
         row = demo_cohort[demo_cohort["demo_kind"] == kind].iloc[0]
-        hnct.demo.write_case(row, tmp_path / kind, tmp_path / f"{kind}.json")
-        sidecar, out = run(tmp_path / kind / row["dicom_dir"], tmp_path / f"out-{kind}", structures=["Larynx"])
+        hnct.demo.write_case(row, tmp_path / f"{kind}{n}", tmp_path / f"{kind}{n}.json")
+        sidecar, out = run(tmp_path / f"{kind}{n}" / row["dicom_dir"], tmp_path / f"out-{n}", structures=["Larynx"],
+                           **options)
         assert sidecar["status"] == "excluded" and re.search(pattern, sidecar["reason"]), sidecar
         assert not list(out.rglob("*.nrrd"))

@@ -169,25 +169,73 @@ def test_oblique_series_keeps_its_direction_and_every_slice_position(tmp_path):
     assert geometry["slice_positions"]["tilt_deg"] < 1e-3
 
 
-def test_missing_slice_is_an_input_error_naming_both_files(tmp_path):
+def test_missing_slice_is_interpolated_onto_the_even_grid_within_the_gap_bound(tmp_path):
+    ct = write_ct_series(tmp_path, 6, skip=(3,))  # 2 mm steps, one 4 mm gap
+    _, _, _, image, geometry = read(tmp_path)
+    hu = sitk.GetArrayFromImage(image)
+    assert image.GetSize() == (COLS, ROWS, 6) and image.GetSpacing()[2] == pytest.approx(2.0)
+    assert np.allclose(image.GetOrigin(), ct["positions"][0])
+    # Pixel (0, 0) holds 10 * k: the missing slice 3 is the linear blend of slices 2 and 4.
+    assert list(hu[:, 0, 0]) == [0, 10, 20, 30, 40, 50]
+    assert np.array_equal(hu[:, 5, 1], np.full(6, 5 - 1000))
+    positions = geometry["slice_positions"]
+    assert positions["original_positions_mm"] == pytest.approx([30.0, 32.0, 34.0, 38.0, 40.0])
+    assert positions["resampled"]["why"] == ["uneven slice spacing"]
+
+
+def test_missing_slice_beyond_the_gap_bound_is_an_input_error_naming_both_files(tmp_path):
     ct = write_ct_series(tmp_path, 6, skip=(3,))
-    with pytest.raises(InputError, match=r"missing slice\(s\) between z=") as err:
-        read(tmp_path)
+    pattern = r"missing slice\(s\) between z=34.00 and z=38.00 .* max_slice_gap_mm 3"
+    with pytest.raises(InputError, match=pattern) as err:
+        read(tmp_path, max_slice_gap_mm=3.0)
     assert ct["files"][2].name in err.value.file and ct["files"][4].name in err.value.file
 
 
-def test_tilted_stack_is_excluded_with_the_measured_angle(tmp_path):
-    # Slices stacked along z while their planes are tilted by 10 degrees about x.
-    tilt = math.radians(10)
+def write_tilted_series(folder: Path, tilt_deg: float, n_slices: int = 4, step_mm: float = 3.0) -> np.ndarray:
+    """Slices stacked along z while their planes are tilted by ``tilt_deg`` about x (a gantry
+    tilt); returns the orientation."""
+    tilt = math.radians(tilt_deg)
     orientation = (1.0, 0.0, 0.0, 0.0, math.cos(tilt), -math.sin(tilt))
-    for k in range(4):
-        write_ct_series(tmp_path, 1, orientation=orientation, origin=(0.0, 0.0, 3.0 * k), series_uid="1.2.3.4",
+    for k in range(n_slices):
+        write_ct_series(folder, 1, orientation=orientation, origin=(0.0, 0.0, step_mm * k), series_uid="1.2.3.4",
                         study_uid="1.2.3", frame_uid="1.2.3.5", names=lambda _k, k=k: f"{k}.dcm")
-    with pytest.raises(InputError, match=r"gantry tilt: .* stacked at 10.00 deg"):
-        read(tmp_path)
+    return np.array(orientation)
+
+
+def test_tilted_stack_is_resampled_onto_an_orthogonal_grid(tmp_path):
+    orientation = write_tilted_series(tmp_path, 10)
+    _, _, _, image, geometry = read(tmp_path)
+    tilt = geometry["slice_positions"]["tilt"]
+    assert tilt["angle_deg"] == pytest.approx(10, abs=1e-3)
+    normal = np.cross(orientation[:3], orientation[3:])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    assert np.allclose(direction, np.column_stack([orientation[:3], orientation[3:], normal]), atol=1e-6)
+    # The slices drift along the column direction by -3 sin(10 deg) mm per slice, so the grid
+    # grows by ceil(3 * 3 sin(10 deg) / 0.5 mm) = 4 rows; slices 3 cos(10 deg) mm apart.
+    assert image.GetSize() == (COLS, ROWS + 4, 4)
+    assert image.GetSpacing()[2] == pytest.approx(3 * math.cos(math.radians(10)))
+    assert geometry["slice_positions"]["resampled"]["padded_voxels_xy"] == [0, 4]
+    assert np.allclose(tilt["direction_lps"], -np.array(orientation[3:]), atol=1e-6)
+    # Voxel (i, j, k) lies at that slice's own row (HU = row - 1000, linear, so interpolation is exact).
+    hu = sitk.GetArrayFromImage(image)
+    for k in range(4):
+        for j in (2, 9, 14):
+            point = np.array(image.TransformIndexToPhysicalPoint((3, j, k)))
+            source_row = (point - np.array([0.0, 0.0, 3.0 * k])) @ orientation[3:] / PIXEL_MM[0]
+            if 0 <= source_row <= ROWS - 1 and source_row > 0.5:  # inside, clear of the marked pixel row 0
+                assert hu[k, j, 3] == round(source_row) - 1000, (k, j, source_row)
+    # Outside a slice's field of view: the series' minimum.
+    assert (hu[0, :4, 3] == -1000).all() and (hu[3, -2:, 3] == -1000).all()
+
+
+def test_tilted_stack_is_excluded_under_the_exclude_switch(tmp_path):
+    write_tilted_series(tmp_path, 10)
+    with pytest.raises(InputError, match=r"gantry tilt: .* stacked at 10.00 deg .*gantry_tilt is exclude"):
+        read(tmp_path, gantry_tilt="exclude")
     # With a limit above the measured tilt the stack is read as it lies (the user accepts the shear).
-    _, _, _, image, geometry = read(tmp_path, max_tilt_deg=15)
+    _, _, _, image, geometry = read(tmp_path, gantry_tilt="exclude", max_tilt_deg=15)
     assert geometry["slice_positions"]["tilt_deg"] == pytest.approx(10, abs=1e-3)
+    assert geometry["resample"] is None and image.GetSize() == (COLS, ROWS, 4)
 
 
 def test_localizer_beside_the_ct_is_not_chosen(tmp_path):

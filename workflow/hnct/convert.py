@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pandas as pd
-
 from hnct.common import InputError, atomic_path, run_case_stage, setup_logging
 
 log = logging.getLogger("hnct.convert")
@@ -34,6 +32,8 @@ def series_uid_param(cohort) -> Callable[[Any], str]:
 
     Made here rather than in the rule file so the rules stay free of function definitions.
     """
+    import pandas as pd
+
     uids = {str(case): "" if pd.isna(uid) else str(uid).strip()
             for case, uid in zip(cohort["case"], cohort.get("series_uid", pd.Series([""] * len(cohort))))}
 
@@ -63,8 +63,11 @@ def convert_case(
     mask_dir: str | Path = "",
     structures: Sequence[str] = ("Larynx", "GTVp", "GTVn"),
     required_structures: Sequence[str] = (),
+    gantry_tilt: str = "correct",
     max_tilt_deg: float = 0.5,
     max_spacing_spread: float = 0.01,
+    max_slice_gap_mm: float = 5.0,
+    slice_step_mm: float = 0.0,
     upstream: str | Path | None = None,
 ) -> dict[str, Any]:
     """Convert one case; always writes ``sidecar_path`` (ok or excluded) and returns it."""
@@ -87,10 +90,12 @@ def convert_case(
         started = time.perf_counter()
         folder = Path(dicom_dir)
         if not folder.is_dir():
-            raise InputError(case, folder, f"no DICOM files under {folder} (folder does not exist)")
-        index = dicomio.index_series(folder)
+            raise InputError(case, folder, f"no DICOM image series under {folder} (folder does not exist)")
+        index = dicomio.scan_series(folder, keep_datasets=True)
         series, choice = dicomio.choose_ct_series(case, folder, index, series_uid)
-        volume, geometry = dicomio.read_ct(case, series, max_tilt_deg, max_spacing_spread)
+        volume, geometry = dicomio.read_ct(case, series, gantry_tilt=gantry_tilt, max_tilt_deg=max_tilt_deg,
+                                           max_spacing_spread=max_spacing_spread,
+                                           max_slice_gap_mm=max_slice_gap_mm, slice_step_mm=slice_step_mm)
         label_image, label_report = None, None
         source = seg.pick_label_source(index) if labels == "auto" else labels
         if source == "rtstruct":
@@ -118,13 +123,15 @@ def convert_case(
                  len(geometry["files"]), geometry["size"], [round(s, 3) for s in geometry["spacing"]], seconds)
         return {
             "series_uid": series["series_uid"],
+            "series_identity": series["series_identity"],
             "study_uid": series["study_uid"],
             "patient_id": series["patient_id"],
             "modality": series["modality"],
             "series_description": series["series_description"],
-            "n_files": len(geometry["files"]),
+            "n_files": int(series["n_files"]),
+            "n_slices": len(geometry["files"]),
             "dicom_dir": str(folder),
-            "unreadable_files": [{"file": f, "reason": r} for f, r in index.attrs.get("unreadable", [])],
+            "unreadable_files": [{"file": f, "reason": r} for f, r in index.unreadable],
             "size": geometry["size"],
             "spacing": geometry["spacing"],
             "origin": geometry["origin"],
@@ -159,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-dir", nargs="?", const="", default="")
     parser.add_argument("--structures", nargs="*", default=["Larynx", "GTVp", "GTVn"])
     parser.add_argument("--required-structures", nargs="*", default=[])
+    parser.add_argument("--gantry-tilt", choices=("correct", "exclude"), default="correct",
+                        help="tilted series: resample onto an orthogonal grid, or exclude")
     parser.add_argument("--max-tilt-deg", type=float, default=0.5)
     parser.add_argument("--max-spacing-spread", type=float, default=0.01)
+    parser.add_argument("--max-slice-gap-mm", type=float, default=5.0)
+    parser.add_argument("--slice-step-mm", type=float, default=0.0, help="resampled slice step (0: smallest)")
     parser.add_argument("--upstream", nargs="?", const="", default="", help="fetch sidecar (tcia source)")
     parser.add_argument("--log", default=None)
     args = parser.parse_args(argv)
@@ -174,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         args.case, args.dicom_dir, args.volume, args.label or None, args.sidecar,
         series_uid=args.series_uid, labels=args.labels, mask_dir=args.mask_dir,
         structures=structures, required_structures=required,
-        max_tilt_deg=args.max_tilt_deg, max_spacing_spread=args.max_spacing_spread,
+        gantry_tilt=args.gantry_tilt, max_tilt_deg=args.max_tilt_deg,
+        max_spacing_spread=args.max_spacing_spread, max_slice_gap_mm=args.max_slice_gap_mm,
+        slice_step_mm=args.slice_step_mm,
         upstream=args.upstream or None,
     )
     return 0

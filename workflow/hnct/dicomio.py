@@ -6,7 +6,10 @@ matrix whose columns are the row direction, the column direction and the slice n
 from ImageOrientationPatient.
 
 Indexing (:func:`index_series`) reads headers only and trusts no folder or file names: every
-file under the folder is tried, files that are not DICOM are listed in ``df.attrs["unreadable"]``.
+file under the folder is tried; files that are not DICOM are listed in ``df.attrs["unreadable"]``.
+A series is its SeriesInstanceUID, or, where that is empty (anonymised exports), the header facts
+its files share (study, series number, frame of reference, orientation, acquisition number).
+An enhanced multi-frame CT file is one slice per frame (positions from its functional groups).
 
 Choosing the CT series (:func:`choose_ct_series`), the rule recorded as ``series_choice``:
 
@@ -20,14 +23,20 @@ Choosing the CT series (:func:`choose_ct_series`), the rule recorded as ``series
 
 Reading the CT (:func:`read_ct`) sorts slices by their position along the slice normal
 (never by file name or InstanceNumber) and refuses, with an :class:`~hnct.common.InputError`,
-series that are not one regular volume: fewer than 2 slices, slices sharing a position,
-mixed orientations / pixel spacings / matrix sizes, gaps or spacing spread beyond
-``max_spacing_spread``, and gantry tilt beyond ``max_tilt_deg`` (the angle between the
-slice normal and the direction the slices are stacked in). Tilted series are EXCLUDED, not
-resampled. An oblique series whose slices are stacked along their own normal is a regular
-volume and is read with its oblique direction matrix. Pixels are decoded by pydicom (which checks
-the pixel data length, unlike SimpleITK's series reader), rescaled to HU, rounded and clipped to
-int16; the image geometry is set from the validated headers.
+series that are not one volume: fewer than 2 slices, slices sharing a position, mixed
+orientations / pixel spacings / matrix sizes, a step beyond ``max_slice_gap_mm`` in an uneven
+series, and (with ``gantry_tilt`` exclude) gantry tilt beyond ``max_tilt_deg``. Gantry tilt is
+the angle between the slice normal and the direction the slices are stacked in, found from
+ImagePositionPatient and ImageOrientationPatient (the GantryDetectorTilt tag's sign differs
+between vendors; it is only recorded). A tilted series (``gantry_tilt`` correct) or one whose
+steps spread beyond ``max_spacing_spread`` is resampled onto an orthogonal equidistant grid
+(:func:`slice_geometry` plans it, :func:`resample_slices` fills it): the slice plane's axes
+and pixel lattice kept, the third axis along the normal, grown so no slice's field of view is
+cut off, as dcm2niix's tilt correction. An oblique series whose slices are stacked along their
+own normal is a regular volume and is read with its oblique direction matrix. Pixels are
+decoded by pydicom (which checks the pixel data length, unlike SimpleITK's series reader;
+compressed transfer syntaxes through its pylibjpeg plugins), rescaled to HU, rounded and
+clipped to int16; the image geometry is set from the validated headers.
 
 Label maps (uint8, value = index in ``structures`` + 1, later structures painted over earlier):
 
@@ -51,14 +60,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from collections import Counter
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale
+from pydicom.pixels import apply_rescale, pixel_array
 
 from hnct.common import InputError, progress
+
+if TYPE_CHECKING:  # pandas is imported only to build index_series' DataFrame: convert starts without it
+    import pandas as pd
 
 log = logging.getLogger("hnct.dicomio")
 
@@ -68,8 +82,20 @@ INDEX_TAGS = [
     "Modality", "SeriesDescription", "SeriesNumber", "ImageType", "FrameOfReferenceUID",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
     "Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "SliceThickness",
-    "InstanceNumber", "NumberOfFrames",
+    "InstanceNumber", "NumberOfFrames", "GantryDetectorTilt", "AcquisitionNumber",
+    # Enhanced multi-frame CT keeps positions, orientation and spacing per frame.
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]
+INDEX_COLUMNS = [
+    "patient_id", "study_uid", "series_uid", "series_key", "series_identity", "modality", "series_description",
+    "series_number", "image_type", "n_files", "n_slices", "files", "frame_of_reference_uid", "orientation",
+    "pixel_spacing", "matrix", "consistent_geometry", "localizer", "manufacturer", "model", "kernel", "instances",
+]
+GANTRY_TILT = ("correct", "exclude")
+# Elements larger than this are read only when used (the pixel data, while indexing for convert).
+DEFER_BYTES = 16384
+# What index_series skips, in the order a "no DICOM image series" reason lists them.
+SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
 INT16_MIN, INT16_MAX = -32768, 32767
 # Positions closer than this (mm along the normal) are "the same position".
@@ -94,10 +120,25 @@ def _text(value: Any) -> str:
 def _floats(value: Any) -> tuple[float, ...] | None:
     if value is None or value == "":
         return None
+    if isinstance(value, str):
+        value = value.split("\\")
     try:
         return tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
+
+
+def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
+    """The value of an ASCII-only element (VR UI, CS, IS, DS) as text, multiple values joined by
+    backslashes, straight from the raw bytes when pydicom has not converted it yet: converting
+    DS/IS values to pydicom objects is half the cost of indexing a folder."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("ascii", "replace").strip(" \0")
+    return _text(value)
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -107,69 +148,182 @@ def _iter_files(folder: Path) -> Iterable[Path]:
             yield Path(root) / name
 
 
-def index_series(folder: str | os.PathLike) -> pd.DataFrame:
-    """One row per SeriesInstanceUID found under ``folder`` (any layout), from headers only.
+def _frame_item(ds: pydicom.Dataset, frame: int | None, sequence: str) -> pydicom.Dataset | None:
+    """The first item of functional group ``sequence`` for ``frame`` (per-frame, else shared)."""
+    if frame is not None:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame and frame < len(per_frame) and per_frame[frame].get(sequence):
+            return per_frame[frame].get(sequence)[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and shared[0].get(sequence):
+        return shared[0].get(sequence)[0]
+    return None
 
-    Columns: ``patient_id, study_uid, series_uid, modality, series_description,
-    series_number, image_type, n_files, files (sorted paths), frame_of_reference_uid,
-    orientation (the distinct ImageOrientationPatient tuples), pixel_spacing (distinct
-    [row, col] mm), matrix (distinct (rows, cols)), consistent_geometry, localizer,
-    manufacturer, model, kernel, instances`` (per file: file, sop_uid, position (LPS mm),
-    orientation, pixel_spacing, rows, cols). Files that are not readable DICOM are listed in
-    ``df.attrs["unreadable"]`` as ``(path, reason)`` and otherwise ignored.
+
+def _frame_geometry(ds: pydicom.Dataset, frame: int | None) -> dict[str, Any]:
+    """Position, orientation and pixel spacing of one frame: classic tags, or the enhanced
+    multi-frame functional groups (Plane Position / Plane Orientation / Pixel Measures)."""
+    position = _frame_item(ds, frame, "PlanePositionSequence")
+    orientation = _frame_item(ds, frame, "PlaneOrientationSequence")
+    measures = _frame_item(ds, frame, "PixelMeasuresSequence")
+    return {
+        "position": _floats(_ascii(position or ds, "ImagePositionPatient")),
+        "orientation": _floats(_ascii(orientation or ds, "ImageOrientationPatient")),
+        "pixel_spacing": _floats(_ascii(measures or ds, "PixelSpacing")),
+    }
+
+
+def _series_key(ds: pydicom.Dataset, orientation: tuple[float, ...] | None) -> tuple[str, dict[str, str]]:
+    """Series identity of a file: its SeriesInstanceUID, or (when that is empty or missing) the
+    header facts one series shares: study, series number, frame of reference, orientation,
+    acquisition number. Returns (key, how) with how = {} for a UID."""
+    uid = _ascii(ds, "SeriesInstanceUID")
+    if uid:
+        return uid, {}
+    facts = {
+        "StudyInstanceUID": _ascii(ds, "StudyInstanceUID"),
+        "SeriesNumber": _ascii(ds, "SeriesNumber"),
+        "FrameOfReferenceUID": _ascii(ds, "FrameOfReferenceUID"),
+        "ImageOrientationPatient": "\\".join(f"{c:.4f}" for c in orientation) if orientation else "",
+        "AcquisitionNumber": _ascii(ds, "AcquisitionNumber"),
+        "Modality": _ascii(ds, "Modality").upper(),
+    }
+    return "no-uid:" + "|".join(facts.values()), facts
+
+
+def _skip_summary(skipped: Sequence[tuple[str, str, str]]) -> str:
+    """'3 non-DICOM files, 1 DICOM file without a series UID or modality' from (path, kind, reason)."""
+    counts = {kind: sum(1 for _, k, _ in skipped if k == kind) for kind in SKIP_KINDS}
+    return ", ".join(f"{n} {kind if n != 1 else kind.replace('files', 'file')}" for kind, n in counts.items() if n)
+
+
+class SeriesIndex(list):
+    """The rows of :func:`index_series` as dicts (same keys as its columns), without pandas, plus
+    ``unreadable`` and ``skipped_summary`` (its ``attrs``). What convert works on: importing pandas
+    costs a third of a second of every convert job."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), unreadable: Iterable[tuple[str, str]] = (),
+                 skipped_summary: str = ""):
+        super().__init__(rows)
+        self.unreadable = list(unreadable)
+        self.skipped_summary = skipped_summary
+
+
+def as_series_index(index: "SeriesIndex | pd.DataFrame") -> SeriesIndex:
+    """A SeriesIndex from either form of the index."""
+    if isinstance(index, SeriesIndex):
+        return index
+    return SeriesIndex(index.to_dict("records"), index.attrs.get("unreadable", []),
+                       index.attrs.get("skipped_summary", ""))
+
+
+def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> "pd.DataFrame":
+    """:func:`scan_series` as a DataFrame (one row per series), what is skipped in ``df.attrs``."""
+    import pandas as pd
+
+    index = scan_series(folder, keep_datasets)
+    df = pd.DataFrame(list(index), columns=INDEX_COLUMNS)
+    df.attrs["unreadable"] = index.unreadable
+    df.attrs["skipped_summary"] = index.skipped_summary
+    return df
+
+
+def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> SeriesIndex:
+    """One row per series found under ``folder`` (any layout), from headers only.
+
+    A series is its SeriesInstanceUID; files whose SeriesInstanceUID is empty or missing are
+    grouped by StudyInstanceUID, SeriesNumber, FrameOfReferenceUID, orientation and
+    AcquisitionNumber instead (``series_uid`` is then '', ``series_identity`` lists the facts).
+    An enhanced multi-frame file gives one instance per frame (its functional groups).
+
+    Columns: ``patient_id, study_uid, series_uid, series_key (the UID or the header facts),
+    series_identity, modality, series_description, series_number, image_type, n_files, files
+    (sorted paths), frame_of_reference_uid, orientation (the distinct ImageOrientationPatient
+    tuples), pixel_spacing (distinct [row, col] mm), matrix (distinct (rows, cols)),
+    consistent_geometry, localizer, manufacturer, model, kernel, instances`` (per slice: file,
+    frame (None for a single-frame file), sop_uid, position (LPS mm), orientation,
+    pixel_spacing, rows, cols). Files skipped are listed in ``unreadable`` as ``(path, reason)``
+    and summarised in ``skipped_summary`` ("2 non-DICOM files").
+
+    With ``keep_datasets`` (convert) every file is parsed whole, its pixel data deferred, and the
+    instance keeps it as ``dataset``: decoding then reads only the pixel data, so each file's
+    header is parsed once. Otherwise (a folder index) only the header tags above are read.
     """
     folder = Path(folder)
-    unreadable: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str, str]] = []
     by_series: dict[str, list[dict[str, Any]]] = {}
+    identity: dict[str, dict[str, str]] = {}
     paths = list(_iter_files(folder)) if folder.is_dir() else []
     for path in progress(paths, every=200, what=f"indexing {folder}"):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
-            unreadable.append((str(path), f"not readable as DICOM: {type(err).__name__}: {err}"))
+            if keep_datasets:
+                ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+            else:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
+        except OSError as err:
+            skipped.append((str(path), "unreadable files", f"cannot read the file: {err}"))
             continue
-        series_uid = _text(ds.get("SeriesInstanceUID"))
-        if not series_uid:
-            unreadable.append((str(path), "no SeriesInstanceUID (not a DICOM image or object)"))
+        except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
+            skipped.append((str(path), "non-DICOM files", f"not readable as DICOM: {type(err).__name__}: {err}"))
             continue
-        by_series.setdefault(series_uid, []).append({
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+        frames = list(range(n_frames)) if multi else [None]
+        first = _frame_geometry(ds, frames[0])
+        if not _ascii(ds, "SeriesInstanceUID") and not _ascii(ds, "Modality"):
+            skipped.append((str(path), "DICOM files without a series UID or modality",
+                            "DICOM without SeriesInstanceUID or Modality (not an image of a series, e.g. DICOMDIR)"))
+            continue
+        key, how = _series_key(ds, first["orientation"])
+        if how:
+            identity[key] = how
+        common = {
             "file": str(path),
-            "sop_uid": _text(ds.get("SOPInstanceUID")),
+            "sop_uid": _ascii(ds, "SOPInstanceUID"),
             "patient_id": _text(ds.get("PatientID")),
-            "study_uid": _text(ds.get("StudyInstanceUID")),
-            "modality": _text(ds.get("Modality")).upper(),
+            "study_uid": _ascii(ds, "StudyInstanceUID"),
+            "series_uid": _ascii(ds, "SeriesInstanceUID"),
+            "modality": _ascii(ds, "Modality").upper(),
             "series_description": _text(ds.get("SeriesDescription")),
-            "series_number": _text(ds.get("SeriesNumber")),
-            "image_type": _text(ds.get("ImageType")).upper(),
-            "frame_of_reference_uid": _text(ds.get("FrameOfReferenceUID")),
-            "position": _floats(ds.get("ImagePositionPatient")),
-            "orientation": _floats(ds.get("ImageOrientationPatient")),
-            "pixel_spacing": _floats(ds.get("PixelSpacing")),
+            "series_number": _ascii(ds, "SeriesNumber"),
+            "image_type": _ascii(ds, "ImageType").upper(),
+            "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
             "rows": int(ds.get("Rows") or 0),
             "cols": int(ds.get("Columns") or 0),
             "manufacturer": _text(ds.get("Manufacturer")),
             "model": _text(ds.get("ManufacturerModelName")),
             "kernel": _text(ds.get("ConvolutionKernel")),
-            "instance_number": _text(ds.get("InstanceNumber")),
-        })
+            "instance_number": _ascii(ds, "InstanceNumber"),
+            "gantry_tilt": (_floats(_ascii(ds, "GantryDetectorTilt")) or [None])[0],
+        }
+        if keep_datasets:
+            common["dataset"] = ds
+        for frame in frames:
+            by_series.setdefault(key, []).append(
+                {**common, "frame": frame, **(first if frame == frames[0] else _frame_geometry(ds, frame))})
     rows = []
-    for series_uid, instances in sorted(by_series.items()):
-        instances.sort(key=lambda inst: inst["file"])
+    for key, instances in sorted(by_series.items()):
+        instances.sort(key=lambda inst: (inst["file"], inst["frame"] or 0))
         first = instances[0]
         orientations = sorted({tuple(round(c, 4) for c in i["orientation"]) for i in instances if i["orientation"]})
         spacings = sorted({tuple(round(c, 5) for c in i["pixel_spacing"]) for i in instances if i["pixel_spacing"]})
         matrices = sorted({(i["rows"], i["cols"]) for i in instances})
         image_types = sorted({i["image_type"] for i in instances if i["image_type"]})
+        files = sorted({i["file"] for i in instances})
         rows.append({
             "patient_id": first["patient_id"],
             "study_uid": first["study_uid"],
-            "series_uid": series_uid,
+            "series_uid": first["series_uid"],
+            "series_key": key,
+            "series_identity": {"by": "header facts (no SeriesInstanceUID)", "facts": identity[key]}
+            if key in identity else {"by": "SeriesInstanceUID"},
             "modality": first["modality"],
             "series_description": first["series_description"],
             "series_number": first["series_number"],
             "image_type": " | ".join(image_types),
-            "n_files": len(instances),
-            "files": [i["file"] for i in instances],
+            "n_files": len(files),
+            "n_slices": len(instances),
+            "files": files,
             "frame_of_reference_uid": first["frame_of_reference_uid"],
             "orientation": orientations,
             "pixel_spacing": spacings,
@@ -182,60 +336,58 @@ def index_series(folder: str | os.PathLike) -> pd.DataFrame:
             "kernel": first["kernel"],
             "instances": instances,
         })
-    columns = ["patient_id", "study_uid", "series_uid", "modality", "series_description", "series_number",
-               "image_type", "n_files", "files", "frame_of_reference_uid", "orientation", "pixel_spacing",
-               "matrix", "consistent_geometry", "localizer", "manufacturer", "model", "kernel", "instances"]
-    df = pd.DataFrame(rows, columns=columns)
-    df.attrs["unreadable"] = unreadable
-    return df
+    return SeriesIndex(rows, [(path, reason) for path, _, reason in skipped], _skip_summary(skipped))
 
 
 # ----------------------------------------------------------------------------- series choice
 
 
-def choose_ct_series(case: str, folder: str | os.PathLike, index: pd.DataFrame,
-                     series_uid: str = "") -> tuple[pd.Series, dict[str, Any]]:
+def choose_ct_series(case: str, folder: str | os.PathLike, index: "SeriesIndex | pd.DataFrame",
+                     series_uid: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Choose the CT series by the rule in the module docstring; returns (row, series_choice)."""
-    if index.empty:
-        n_bad = len(index.attrs.get("unreadable", []))
-        extra = f" ({n_bad} unreadable files)" if n_bad else ""
-        raise InputError(case, folder, f"no DICOM files under {folder}{extra}")
+    index = as_series_index(index)
+    if not index:
+        summary = index.skipped_summary
+        found = f": found {summary}" if summary else " (no files)"
+        raise InputError(case, folder, f"no DICOM image series under {folder}{found}")
     candidates = [
-        {"series_uid": r.series_uid, "modality": r.modality, "n_files": int(r.n_files),
-         "series_description": r.series_description, "localizer": bool(r.localizer),
-         "consistent_geometry": bool(r.consistent_geometry)}
-        for r in index.itertuples()
+        {"series_uid": r["series_uid"], "series_key": r["series_key"], "modality": r["modality"],
+         "n_files": int(r["n_files"]), "n_slices": int(r["n_slices"]), "series_description": r["series_description"],
+         "localizer": bool(r["localizer"]), "consistent_geometry": bool(r["consistent_geometry"])}
+        for r in index
     ]
     choice: dict[str, Any] = {"candidates": candidates, "requested_series_uid": series_uid or ""}
     if series_uid:
-        hit = index[index["series_uid"] == series_uid]
-        if hit.empty:
-            found = ", ".join(f"{c['series_uid']} ({c['modality']}, {c['n_files']} files)" for c in candidates)
+        hit = [r for r in index if r["series_uid"] == series_uid]
+        if not hit:
+            found = ", ".join(f"{c['series_uid'] or c['series_key']} ({c['modality']}, {c['n_files']} files)"
+                              for c in candidates)
             raise InputError(case, folder, f"requested series {series_uid} not found under {folder}; found: {found}")
-        row = hit.iloc[0]
+        row = hit[0]
         if row["modality"] != "CT":
             raise InputError(case, row["files"][0], f"requested series {series_uid} is {row['modality']}, not CT")
         choice["rule"] = "series_uid given by the cohort table"
         choice["series_uid"] = series_uid
         return row, choice
-    ct = index[index["modality"] == "CT"]
-    if ct.empty:
-        found = ", ".join(sorted(f"{m} ({n} series)" for m, n in index["modality"].value_counts().items()))
+    ct = [r for r in index if r["modality"] == "CT"]
+    if not ct:
+        found = ", ".join(sorted(f"{m} ({n} series)" for m, n in Counter(r["modality"] for r in index).items()))
         raise InputError(case, folder, f"no CT series under {folder}; found modalities: {found}")
-    not_localizer = ct[~ct["localizer"]]
-    if not_localizer.empty:
+    not_localizer = [r for r in ct if not r["localizer"]]
+    if not not_localizer:
         raise InputError(case, folder, f"only localizer/scout CT series under {folder} "
-                         f"({', '.join(ct['series_uid'])})")
-    volumes = not_localizer[not_localizer["n_files"] >= 2]
-    pool = volumes if not volumes.empty else not_localizer
-    ranked = sorted(pool.itertuples(), key=lambda r: (not r.consistent_geometry, -int(r.n_files), r.series_uid))
+                         f"({', '.join(r['series_key'] for r in ct)})")
+    volumes = [r for r in not_localizer if r["n_slices"] >= 2]
+    pool = volumes or not_localizer
+    ranked = sorted(pool, key=lambda r: (not r["consistent_geometry"], -int(r["n_slices"]), r["series_key"]))
     best = ranked[0]
     reasons = ["modality CT", "not a localizer (ImageType LOCALIZER/SCOUT or a lone slice)"]
     if len(ranked) > 1:
         reasons.append("consistent geometry, then most slices, then smallest SeriesInstanceUID")
     choice["rule"] = "; ".join(reasons)
-    choice["series_uid"] = best.series_uid
-    return index.loc[best.Index], choice
+    choice["series_uid"] = best["series_uid"]
+    choice["series_identity"] = best["series_identity"]
+    return best, choice
 
 
 # ----------------------------------------------------------------------------- reading the CT
@@ -245,36 +397,68 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def slice_geometry(case: str, series: pd.Series, max_tilt_deg: float = 0.5,
-                   max_spacing_spread: float = 0.01) -> dict[str, Any]:
-    """Sort the series' slices along the normal and check they form one regular volume.
-
-    Returns ``files`` (sorted), ``sop_uids``, ``origin`` (LPS mm of the first sorted slice),
-    ``spacing`` [x, y, z] mm, ``direction`` (9, row-major, columns = row dir, column dir,
-    normal), ``size`` [x, y, z] and ``slice_positions`` (the check summary). Raises
-    InputError naming the file(s) for anything that is not a regular volume.
-    """
-    instances = list(series["instances"])
-    uid = series["series_uid"]
-    if len(instances) < 2:
-        raise InputError(case, instances[0]["file"] if instances else "",
-                         f"too few slices: series {uid} has {len(instances)} slice (need at least 2 for a volume)")
+def _check_uniform_headers(case: str, uid: str, instances: list[dict[str, Any]]) -> None:
+    """Raise InputError unless every slice has position, orientation and spacing, all alike."""
     for inst in instances:
         if inst["position"] is None or inst["orientation"] is None or inst["pixel_spacing"] is None:
             raise InputError(case, inst["file"], f"slice of series {uid} lacks ImagePositionPatient, "
                              "ImageOrientationPatient or PixelSpacing")
+    first = instances[0]
+    for inst in instances[1:]:
+        if not np.allclose(inst["orientation"], first["orientation"], atol=COSINE_TOL):
+            raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
+                             f"vs {tuple(first['orientation'])} in {first['file']}")
+        if not np.allclose(inst["pixel_spacing"], first["pixel_spacing"], atol=SPACING_TOL_MM):
+            raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
+                             f"vs {tuple(first['pixel_spacing'])} mm in {first['file']}")
+        if (inst["rows"], inst["cols"]) != (first["rows"], first["cols"]):
+            raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
+                             f"{inst['rows']}x{inst['cols']} vs {first['rows']}x{first['cols']}")
+
+
+def _gap_error(case: str, uid: str, files: list[str], along: np.ndarray, steps: np.ndarray, spread: float,
+               max_spacing_spread: float, max_slice_gap_mm: float) -> InputError:
+    """The exclusion for slice steps too uneven to resample: names the first gap (or the widest step)."""
+    gaps = [i for i, s in enumerate(steps) if s >= 1.5 * steps.min()]
+    if gaps:
+        i = gaps[0]
+        return InputError(
+            case, f"{files[i]}, {files[i + 1]}",
+            f"missing slice(s) between z={along[i]:.2f} and z={along[i + 1]:.2f} mm in series {uid}: "
+            f"step {steps[i]:.2f} mm where the smallest step is {steps.min():.2f} mm "
+            f"({len(gaps)} gap(s); files {Path(files[i]).name} and {Path(files[i + 1]).name}; "
+            f"largest step {steps.max():.2f} mm > max_slice_gap_mm {max_slice_gap_mm:g})")
+    return InputError(case, files[int(np.argmax(steps))],
+                      f"uneven slice spacing in series {uid}: steps {steps.min():.3f}..{steps.max():.3f} mm "
+                      f"(spread {spread:.1%} > max_spacing_spread {max_spacing_spread:.1%} and largest step "
+                      f"> max_slice_gap_mm {max_slice_gap_mm:g})")
+
+
+def slice_geometry(case: str, series: dict[str, Any], *, gantry_tilt: str = "correct", max_tilt_deg: float = 0.5,
+                   max_spacing_spread: float = 0.01, max_slice_gap_mm: float = 5.0,
+                   slice_step_mm: float = 0.0) -> dict[str, Any]:
+    """Sort the series' slices along the normal, check them and plan the output grid.
+
+    Returns ``files`` and ``frames`` (sorted; frame index in a multi-frame file, else None),
+    ``sop_uids``, ``origin`` (LPS mm of voxel (0, 0, 0)), ``spacing`` [x, y, z] mm,
+    ``direction`` (9, row-major, columns = row dir, column dir, normal), ``size`` [x, y, z] of
+    the output volume, ``slice_positions`` (the check summary for the sidecar) and ``resample``
+    (None when the slices are the volume as they lie, else the plan :func:`resample_slices`
+    follows). Slices are resampled onto an orthogonal equidistant grid when they are stacked
+    at more than ``max_tilt_deg`` to their normal (gantry tilt, with ``gantry_tilt`` correct)
+    or their steps spread more than ``max_spacing_spread``, as long as no step exceeds
+    ``max_slice_gap_mm``. Raises InputError naming the file(s) for anything else.
+    """
+    if gantry_tilt not in GANTRY_TILT:
+        raise ValueError(f"gantry_tilt must be one of {GANTRY_TILT}, not {gantry_tilt!r}")
+    instances = list(series["instances"])
+    uid = series["series_uid"] or series["series_key"]
+    if len(instances) < 2:
+        raise InputError(case, instances[0]["file"] if instances else "",
+                         f"too few slices: series {uid} has {len(instances)} slice (need at least 2 for a volume)")
+    _check_uniform_headers(case, uid, instances)
     iop0 = np.array(instances[0]["orientation"])
     ps0 = np.array(instances[0]["pixel_spacing"])
-    for inst in instances[1:]:
-        if not np.allclose(inst["orientation"], iop0, atol=COSINE_TOL):
-            raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
-                             f"vs {tuple(iop0)} in {instances[0]['file']}")
-        if not np.allclose(inst["pixel_spacing"], ps0, atol=SPACING_TOL_MM):
-            raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
-                             f"vs {tuple(ps0)} mm in {instances[0]['file']}")
-        if (inst["rows"], inst["cols"]) != (instances[0]["rows"], instances[0]["cols"]):
-            raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
-                             f"{inst['rows']}x{inst['cols']} vs {instances[0]['rows']}x{instances[0]['cols']}")
     row_dir, col_dir = _unit(iop0[:3]), _unit(iop0[3:])
     normal = _unit(np.cross(row_dir, col_dir))
     positions = np.array([inst["position"] for inst in instances])
@@ -291,92 +475,204 @@ def slice_geometry(case: str, series: pd.Series, max_tilt_deg: float = 0.5,
         sharing = group_sizes[group_of] > 1
         raise InputError(case, files[int(np.argmax(sharing))], f"not a volume: {int(sharing.sum())} of "
                          f"{len(files)} slices of series {uid} share a position")
-    # Gantry tilt: the slices are stacked along a direction that is not their plane normal.
-    stack_dir = _unit(positions[-1] - positions[0])
-    tilt_deg = math.degrees(math.acos(min(1.0, abs(float(stack_dir @ normal)))))
-    off_axis = np.linalg.norm(np.cross(positions - positions[0], normal), axis=1)
-    if tilt_deg > max_tilt_deg:
+    # Gantry tilt: the slices are stacked along a direction that is not their plane normal. Its size
+    # and direction come from the positions (the GantryDetectorTilt tag's sign varies by vendor).
+    offsets = positions - positions[0]
+    stack = offsets[-1]
+    in_plane = stack - (stack @ normal) * normal
+    tilt_deg = math.degrees(math.atan2(float(np.linalg.norm(in_plane)), float(stack @ normal)))
+    off_axis = np.linalg.norm(np.cross(offsets, normal), axis=1)
+    tilted = tilt_deg > max_tilt_deg
+    if tilted and gantry_tilt == "exclude":
         raise InputError(case, files[0], f"gantry tilt: slices of series {uid} are stacked at {tilt_deg:.2f} deg to "
-                         f"their plane normal (max_tilt_deg {max_tilt_deg}); tilted series are excluded, not resampled")
-    spacing_z = float(np.median(steps))
+                         f"their plane normal (max_tilt_deg {max_tilt_deg}; convert.gantry_tilt is exclude)")
     spread = float((steps.max() - steps.min()) / steps.min())
-    if spread > max_spacing_spread:
-        gaps = [i for i, s in enumerate(steps) if s >= 1.5 * steps.min()]
-        if gaps:
-            i = gaps[0]
-            raise InputError(
-                case, f"{files[i]}, {files[i + 1]}",
-                f"missing slice(s) between z={along[i]:.2f} and z={along[i + 1]:.2f} mm in series {uid}: "
-                f"step {steps[i]:.2f} mm where the smallest step is {steps.min():.2f} mm "
-                f"({len(gaps)} gap(s); files {Path(files[i]).name} and {Path(files[i + 1]).name})")
-        raise InputError(case, files[int(np.argmax(steps))],
-                         f"uneven slice spacing in series {uid}: steps {steps.min():.3f}..{steps.max():.3f} mm "
-                         f"(spread {spread:.1%} > max_spacing_spread {max_spacing_spread:.1%})")
-    direction = np.column_stack([row_dir, col_dir, normal])
-    return {
+    uneven = spread > max_spacing_spread
+    if uneven and steps.max() > max_slice_gap_mm:
+        raise _gap_error(case, uid, files, along, steps, spread, max_spacing_spread, max_slice_gap_mm)
+    spacing_z = float(slice_step_mm or (steps.min() if uneven else np.median(steps)))
+    sx, sy = float(ps0[1]), float(ps0[0])  # PixelSpacing is [between rows (y), between columns (x)]
+    cols, rows = int(instances[0]["cols"]), int(instances[0]["rows"])
+    summary: dict[str, Any] = {
+        "check": "ok",
+        "n_slices": len(files),
+        "first_mm": float(along[0]),
+        "last_mm": float(along[-1]),
+        "spacing_mm": spacing_z,
+        "min_step_mm": float(steps.min()),
+        "max_step_mm": float(steps.max()),
+        "spacing_spread": spread,
+        "tilt_deg": tilt_deg,
+        "max_off_axis_mm": float(off_axis.max()),
+        "sorted_by": "ImagePositionPatient along the slice normal",
+    }
+    geometry = {
         "files": files,
+        "frames": [inst.get("frame") for inst in instances],
+        "datasets": [inst.get("dataset") for inst in instances],
         "sop_uids": [inst["sop_uid"] for inst in instances],
         "origin": positions[0].tolist(),
-        # PixelSpacing is [between rows (y), between columns (x)].
-        "spacing": [float(ps0[1]), float(ps0[0]), spacing_z],
-        "direction": direction.flatten().tolist(),
-        "size": [int(instances[0]["cols"]), int(instances[0]["rows"]), len(files)],
-        "slice_positions": {
-            "check": "ok",
-            "n_slices": len(files),
-            "first_mm": float(along[0]),
-            "last_mm": float(along[-1]),
-            "spacing_mm": spacing_z,
-            "min_step_mm": float(steps.min()),
-            "max_step_mm": float(steps.max()),
-            "spacing_spread": spread,
-            "tilt_deg": tilt_deg,
-            "max_off_axis_mm": float(off_axis.max()),
-            "sorted_by": "ImagePositionPatient along the slice normal",
-        },
+        "spacing": [sx, sy, spacing_z],
+        "direction": np.column_stack([row_dir, col_dir, normal]).flatten().tolist(),
+        "size": [cols, rows, len(files)],
+        "slice_positions": summary,
+        "resample": None,
     }
+    if not (tilted or uneven or slice_step_mm):
+        return geometry
+    # In-plane shift of each slice (voxels along row / column direction) and its place along the normal.
+    shift_x = offsets @ row_dir / sx if tilted else np.zeros(len(files))
+    shift_y = offsets @ col_dir / sy if tilted else np.zeros(len(files))
+    # The output grid keeps the slice plane's axes and pixel lattice (of the first slice), grown so
+    # every slice's footprint fits: nothing of the scanned anatomy is cut off.
+    x_lo, x_hi = math.floor(shift_x.min() + 1e-6), math.ceil(shift_x.max() - 1e-6)
+    y_lo, y_hi = math.floor(shift_y.min() + 1e-6), math.ceil(shift_y.max() - 1e-6)
+    depth = along - along[0]
+    n_out = int(math.floor(depth[-1] / spacing_z + 1e-3)) + 1
+    geometry["origin"] = (positions[0] + x_lo * sx * row_dir + y_lo * sy * col_dir).tolist()
+    geometry["size"] = [cols + x_hi - x_lo, rows + y_hi - y_lo, n_out]
+    geometry["resample"] = {
+        "depth_mm": depth, "shift_x": shift_x - x_lo, "shift_y": shift_y - y_lo,
+        "out_depth_mm": np.arange(n_out) * spacing_z,
+    }
+    summary["original_positions_mm"] = [round(float(a), 4) for a in along]
+    gantry_tag = sorted({inst.get("gantry_tilt") for inst in instances if inst.get("gantry_tilt") is not None})
+    if tilted:
+        summary["tilt"] = {
+            "angle_deg": tilt_deg,
+            # Unit vector (LPS) of the in-plane drift of the slices per mm along the normal.
+            "direction_lps": _unit(in_plane).tolist(),
+            "shear_mm_per_mm": {"row": float(stack @ row_dir / (stack @ normal)),
+                                "column": float(stack @ col_dir / (stack @ normal))},
+            "gantry_detector_tilt_tag_deg": gantry_tag,
+        }
+    summary["resampled"] = {
+        "why": [w for w, on in (("gantry tilt", tilted), ("uneven slice spacing", uneven),
+                                ("convert.slice_step_mm", bool(slice_step_mm))) if on],
+        "method": "each output slice blends the two nearest input slices (linear along the normal), each "
+                  "shifted in-plane by its own offset (bilinear): an orthogonal grid on the slice plane",
+        "input_size": [cols, rows, len(files)],
+        "output_size": geometry["size"],
+        "padded_voxels_xy": [cols + x_hi - x_lo - cols, rows + y_hi - y_lo - rows],
+        "fill": "the series' minimum HU outside every slice's field of view",
+    }
+    return geometry
 
 
-def _read_pixels_hu(case: str, files: Sequence[str]) -> tuple[np.ndarray, int]:
-    """HU (modality rescale applied, rounded, clipped to int16) as int16 (z, y, x), slices in the
-    given order, and the number of voxels that had to be clipped.
+def resample_slices(hu: np.ndarray, plan: dict[str, Any], size: Sequence[int]) -> np.ndarray:
+    """The int16 (z, y, x) volume on the planned grid from the sorted input slices ``hu`` (z, y, x).
 
-    pydicom decodes each slice because it checks the pixel data against the header (SimpleITK's
-    series reader silently accepts truncated pixel data); a transfer syntax pydicom has no
-    decoder for is handed to SimpleITK/GDCM for that file. The usual CT rescale (slope 1, an
-    integer intercept) is applied in integers straight into the preallocated int16 volume: no
-    float copy of the whole scan (the decode floor is then the cost of reading the series).
+    Output slice m at depth d lies between input slices k and k+1 (depths along the normal);
+    it is (1-t) * slice k + t * slice k+1, each placed at its own in-plane shift (voxels,
+    scipy.ndimage.shift, linear) on the grown canvas filled with the volume's minimum.
     """
+    from scipy import ndimage
+
+    depth, shift_x, shift_y = plan["depth_mm"], plan["shift_x"], plan["shift_y"]
+    out_shape = (int(size[1]), int(size[0]))
+    fill = float(hu.min())
+    out = np.empty((int(size[2]), *out_shape), dtype=np.int16)
+    rows, cols = hu.shape[1:]
+
+    def placed(k: int) -> np.ndarray:
+        canvas = np.full(out_shape, fill, dtype=np.float32)
+        y0, x0 = int(math.floor(shift_y[k] + 1e-6)), int(math.floor(shift_x[k] + 1e-6))
+        canvas[y0:y0 + rows, x0:x0 + cols] = hu[k]
+        fy, fx = shift_y[k] - y0, shift_x[k] - x0
+        if abs(fy) > 1e-6 or abs(fx) > 1e-6:
+            canvas = ndimage.shift(canvas, (fy, fx), order=1, mode="nearest")
+        return canvas
+
+    for m, d in enumerate(progress(plan["out_depth_mm"], every=100, what="resampling slices")):
+        k = int(np.clip(np.searchsorted(depth, d, side="right") - 1, 0, len(depth) - 2))
+        t = float(np.clip((d - depth[k]) / (depth[k + 1] - depth[k]), 0.0, 1.0))
+        value = placed(k) * (1.0 - t) if t < 1.0 - 1e-6 else 0.0
+        if t > 1e-6:
+            value = value + placed(k + 1) * t
+        out[m] = np.rint(value)
+    return out
+
+
+def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
+                   frame: int | None) -> tuple[np.ndarray, int | None]:
+    """Modality rescale of one frame: ``(stored, intercept)`` for the usual CT rescale (slope 1, an
+    integer intercept, added by the caller straight into the int16 volume), else ``(HU, None)``
+    through pydicom's apply_rescale; enhanced files take theirs from the Pixel Value
+    Transformation functional group."""
+    transform = _frame_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
+    source = transform or ds
+    slope = float(source.get("RescaleSlope", 1) or 1)
+    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
+        return stored, int(intercept)
+    if transform is not None:
+        return np.rint(stored * slope + intercept), None
+    return np.rint(apply_rescale(stored, ds)), None
+
+
+def _decode_error(file: str, ds: pydicom.Dataset | None, err: Exception) -> str:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    named = f" of transfer syntax {syntax.name} ({syntax})" if syntax else ""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"cannot decode pixel data{named}: {type(err).__name__}: {first_line}"
+
+
+def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None] | None = None,
+                    datasets: Sequence[pydicom.Dataset | None] | None = None) -> tuple[np.ndarray, int]:
+    """HU (modality rescale applied, rounded, clipped to int16) as int16 (z, y, x), slices in the
+    given order (``frames[i]``: the frame of a multi-frame file, None for a single frame;
+    ``datasets[i]``: the file already parsed with its pixel data deferred, or None), and the
+    number of voxels that had to be clipped.
+
+    pydicom decodes the pixel data (it checks its length against the header, unlike SimpleITK's
+    series reader; compressed transfer syntaxes through the pylibjpeg plugins, RLE natively);
+    a transfer syntax no installed plugin decodes is this file's InputError naming it. Each file
+    is read once (a multi-frame file's frames are kept until the last is placed). The usual CT
+    rescale is applied in integers straight into the preallocated int16 volume.
+    """
+    frames = list(frames) if frames is not None else [None] * len(files)
+    datasets = list(datasets) if datasets is not None else [None] * len(files)
+    remaining: dict[str, int] = {}
+    for file in files:
+        remaining[file] = remaining.get(file, 0) + 1
+    decoded: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
     volume: np.ndarray | None = None
     n_clipped = 0
-    for index, file in enumerate(progress(files, every=100, what="decoding slices")):
+    for index, (file, frame, ds) in enumerate(progress(list(zip(files, frames, datasets)), every=100,
+                                                      what="decoding slices")):
         try:
-            ds = pydicom.dcmread(file)
-            try:
-                stored = ds.pixel_array
-            except (NotImplementedError, RuntimeError):
-                syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-                if syntax is None or not syntax.is_compressed:
-                    raise
-                hu = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(file), sitk.sitkFloat32))[0])
-            else:
-                slope = float(ds.get("RescaleSlope", 1) or 1)
-                intercept = float(ds.get("RescaleIntercept", 0) or 0)
-                if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
-                    hu = stored.astype(np.int32) + int(intercept)
-                else:
-                    hu = np.rint(apply_rescale(stored, ds))
+            if file not in decoded:
+                ds = ds if ds is not None and "PixelData" in ds else pydicom.dcmread(file)
+                # pixel_array(ds) decodes without caching the array on the (index's) dataset; the
+                # pixel data bytes it loaded are released below, once the file's frames are placed.
+                decoded[file] = (ds, pixel_array(ds))
+            ds, stored = decoded[file]
+            if frame is not None:
+                if stored.ndim != 3 or frame >= stored.shape[0]:
+                    raise InputError(case, file, f"frame {frame + 1} of {file} is missing from its pixel data "
+                                     f"(shape {stored.shape})")
+                stored = stored[frame]
+            hu, intercept = _rescale_to_hu(stored, ds, frame)
         except InputError:
             raise
         except Exception as err:  # noqa: BLE001 - any decoder failure is this file's bad input
-            raise InputError(case, file, f"cannot decode pixel data: {type(err).__name__}: "
-                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+            raise InputError(case, file, _decode_error(file, ds, err)) from None
+        remaining[file] -= 1
+        if not remaining[file]:
+            del decoded[file][0].PixelData
+            del decoded[file]
         if hu.ndim != 2:
-            raise InputError(case, file, f"expected one 2-D frame per file, got pixel data of shape {hu.shape}")
+            raise InputError(case, file, f"expected one 2-D frame per slice, got pixel data of shape {hu.shape}")
         if volume is None:
             volume = np.empty((len(files), *hu.shape), dtype=np.int16)
         elif hu.shape != volume.shape[1:]:
             raise InputError(case, file, f"slices differ in pixel matrix size: {hu.shape} vs {volume.shape[1:]}")
+        if intercept is not None:
+            if INT16_MIN <= int(hu.min()) + intercept and int(hu.max()) + intercept <= INT16_MAX:
+                # The common case: added in int32, written into the int16 slice, no temporary volume.
+                np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
+                continue
+            hu = hu.astype(np.int32) + intercept
         outside = (hu < INT16_MIN) | (hu > INT16_MAX)
         if outside.any():
             n_clipped += int(np.count_nonzero(outside))
@@ -387,14 +683,21 @@ def _read_pixels_hu(case: str, files: Sequence[str]) -> tuple[np.ndarray, int]:
     return volume, n_clipped
 
 
-def read_ct(case: str, series: pd.Series, max_tilt_deg: float = 0.5,
-            max_spacing_spread: float = 0.01) -> tuple[sitk.Image, dict[str, Any]]:
-    """The CT series as an int16 HU SimpleITK image (LPS geometry from the headers) + geometry info."""
-    geometry = slice_geometry(case, series, max_tilt_deg, max_spacing_spread)
-    hu, n_clipped = _read_pixels_hu(case, geometry["files"])
-    expected = tuple(reversed(geometry["size"]))
-    if hu.shape != expected:
-        raise InputError(case, geometry["files"][0], f"pixel data shape {hu.shape} does not match headers {expected}")
+def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
+    """The CT series as an int16 HU SimpleITK image (LPS geometry from the headers) + geometry info.
+
+    ``checks`` are :func:`slice_geometry`'s keywords (gantry_tilt, max_tilt_deg,
+    max_spacing_spread, max_slice_gap_mm, slice_step_mm). A tilted or unevenly spaced series is
+    resampled onto the orthogonal equidistant grid that function plans.
+    """
+    geometry = slice_geometry(case, series, **checks)
+    hu, n_clipped = _read_pixels_hu(case, geometry["files"], geometry["frames"], geometry["datasets"])
+    rows_cols = (int(series["instances"][0]["rows"]), int(series["instances"][0]["cols"]))
+    if hu.shape[1:] != rows_cols:
+        raise InputError(case, geometry["files"][0], f"pixel data shape {hu.shape[1:]} does not match headers "
+                         f"{rows_cols}")
+    if geometry["resample"] is not None:
+        hu = resample_slices(hu, geometry["resample"], geometry["size"])
     image = sitk.GetImageFromArray(hu)
     # Geometry from our own validated header read, not from the reader's guess.
     image.SetOrigin(geometry["origin"])
@@ -446,7 +749,7 @@ def _rtstruct_references(ds: pydicom.Dataset) -> tuple[set[str], set[str], set[s
     return sops, series, frames
 
 
-def check_rtstruct_reference(case: str, file: str, ds: pydicom.Dataset, series: pd.Series,
+def check_rtstruct_reference(case: str, file: str, ds: pydicom.Dataset, series: dict[str, Any],
                              sop_uids: Iterable[str]) -> dict[str, Any]:
     """Raise InputError unless the RTSTRUCT refers to the chosen CT series; returns how it matched."""
     sops, ref_series, frames = _rtstruct_references(ds)
@@ -571,24 +874,25 @@ def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
                       "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]}
 
 
-def rtstruct_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
-                       reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
+def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: dict[str, Any],
+                       geometry: dict[str, Any], reference: sitk.Image,
+                       structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """The label map from the RTSTRUCT under the case folder that references the chosen CT.
 
     Several RTSTRUCTs: the ones whose references do not resolve are ignored (listed in the
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
-    rt_rows = index[index["modality"] == "RTSTRUCT"]
-    if rt_rows.empty:
+    rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
+    if not rt_rows:
         # No contours at all: an empty label map; convert excludes the case if structures are required.
         image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         image.CopyInformation(reference)
         return image, {"file": None, "note": f"no RTSTRUCT beside CT series {series['series_uid']}",
                        "matched": {}, "roi_names": []}
     usable, rejected = [], []
-    for files in rt_rows["files"]:
-        for file in files:
+    for row in rt_rows:
+        for file in row["files"]:
             try:
                 ds = pydicom.dcmread(file)
             except (InvalidDicomError, OSError, ValueError) as err:

@@ -41,7 +41,7 @@ import pydicom
 import SimpleITK as sitk
 
 from hnct.common import InputError
-from hnct.dicomio import choose_label_object, match_structures
+from hnct.dicomio import as_series_index, choose_label_object, match_structures
 
 log = logging.getLogger("hnct.seg")
 
@@ -52,7 +52,7 @@ FRACTION_INSIDE = 0.5
 def pick_label_source(index: pd.DataFrame) -> str:
     """``convert.labels: auto``: ``rtstruct`` when the case folder holds an RTSTRUCT, else ``seg`` when
     it holds a SEG, else ``rtstruct`` (no contours: an empty label map, as for a case without any)."""
-    modalities = set(index["modality"]) if not index.empty else set()
+    modalities = {row["modality"] for row in as_series_index(index)}
     return "seg" if "SEG" in modalities and "RTSTRUCT" not in modalities else "rtstruct"
 
 
@@ -156,15 +156,15 @@ def read_seg(case: str, file: str) -> hd.seg.Segmentation:
 def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
                   reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """The label map from the SEG under the case folder that refers to the chosen CT (module docstring)."""
-    seg_rows = index[index["modality"] == "SEG"] if not index.empty else index
-    if seg_rows.empty:
+    seg_rows = [row for row in as_series_index(index) if row["modality"] == "SEG"]
+    if not seg_rows:
         # No SEG at all: an empty label map; convert excludes the case if structures are required.
         image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         image.CopyInformation(reference)
         return image, {"file": None, "note": f"no SEG beside CT series {series['series_uid']}",
                        "matched": {}, "roi_names": []}
     usable, rejected = [], []
-    for file in sorted(f for files in seg_rows["files"] for f in files):
+    for file in sorted(f for row in seg_rows for f in row["files"]):
         try:
             seg = read_seg(case, file)
             reference_note = check_seg_reference(case, file, seg, series, geometry["sop_uids"])

@@ -27,8 +27,11 @@ rule convert_series:
         mask_dir=config["convert"]["mask_dir"],
         structures=config["convert"]["structures"],
         required_structures=config["convert"]["required_structures"],
+        gantry_tilt=config["convert"]["gantry_tilt"],
         max_tilt_deg=config["convert"]["max_tilt_deg"],
         max_spacing_spread=config["convert"]["max_spacing_spread"],
+        max_slice_gap_mm=config["convert"]["max_slice_gap_mm"],
+        slice_step_mm=config["convert"]["slice_step_mm"],
         code=code_version("convert", "dicomio", "seg"),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
@@ -36,5 +39,7 @@ rule convert_series:
         " --volume {params.volume:q} --label {params.label:q} --sidecar {output.sidecar:q}"
         " --labels {params.labels} --mask-dir {params.mask_dir:q}"
         " --structures {params.structures:q} --required-structures {params.required_structures:q}"
-        " --max-tilt-deg {params.max_tilt_deg} --max-spacing-spread {params.max_spacing_spread}"
+        " --gantry-tilt {params.gantry_tilt} --max-tilt-deg {params.max_tilt_deg}"
+        " --max-spacing-spread {params.max_spacing_spread} --max-slice-gap-mm {params.max_slice_gap_mm}"
+        " --slice-step-mm {params.slice_step_mm}"
         " --log {log:q}"

@@ -1,0 +1,151 @@
+"""Whole-process convert against dcm2niix on the same series, side by side in one run.
+
+Reference: dcm2niix (its PyPI package, the converter imaging researchers compare with), run as
+``dcm2niix -z n -b n -o OUT -f %s FOLDER`` (uncompressed NIfTI, no BIDS sidecar; the closest to
+hnct's uncompressed NRRD). hnct: ``python -m hnct.convert --labels none`` as the convert rule runs
+it (interpreter start, imports, header index, decode, NRRD and sidecar writes all counted).
+
+Series: the real LUNG1-001 CT (512 x 512 x 134, NSCLC-Radiomics, from the shared test data) and
+a generated 512 x 512 x 300 series (benchmarks/preprocess.py's phantom, 1 mm slices). Each pair
+runs alternately (hnct, dcm2niix, hnct, ...) ``--repeat`` times after one warm-up of each (page
+cache filled for both); the medians give the ratio hnct / dcm2niix per series. Wall times come
+from benchutil.run_measured (child processes, peak RSS polled). The load average before and after
+is recorded: on a shared machine, read the ratios, not the seconds.
+
+    .venv/bin/python benchmarks/convert_vs_dcm2niix.py               # both series, 7 pairs each
+    .venv/bin/python benchmarks/convert_vs_dcm2niix.py --small       # a 64 x 64 x 20 series only (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402
+
+LUNG1 = benchutil.REPO.parent / "shared" / "testdata" / "real" / "nsclc-radiomics-LUNG1-001" / "LUNG1-001" / "image"
+TARGET_RATIO = 1.5
+
+
+def dcm2niix_exe() -> str:
+    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
+    if not Path(exe).exists():
+        raise SystemExit("dcm2niix not found: pip install the test extra (dcm2niix==1.0.20260724)")
+    return exe
+
+
+def generated_series(workdir: Path, n_slices: int, rows: int) -> Path:
+    import preprocess
+
+    preprocess.ROWS = preprocess.COLS = rows
+    spec = {"case": f"BENCH-{rows}x{n_slices}", "n_slices": n_slices, "pixel_mm": 0.5, "slice_mm": 1.0}
+    case = preprocess.write_case(workdir, spec, seed=20260101)
+    return workdir / case["ct_dir"]
+
+
+def hnct_cmd(name: str, folder: Path, out: Path) -> list[str]:
+    return benchutil.python_cmd() + [
+        "-m", "hnct.convert", "--case", name, "--dicom-dir", str(folder), "--volume", str(out / f"{name}.nrrd"),
+        "--sidecar", str(out / f"{name}.json"), "--labels", "none"]
+
+
+def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: float,
+                 reference_checkout: Path | None = None) -> dict[str, Any]:
+    out = workdir / f"out-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "hnct": (hnct_cmd(name, folder, out), None),
+        "dcm2niix": ([dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
+                     None),
+    }
+    if reference_checkout:
+        # The same command on another checkout (e.g. before a change), to see the gain in this run.
+        env = benchutil.worker_env()
+        env["PYTHONPATH"] = str(reference_checkout / "workflow")
+        (out / "reference").mkdir(exist_ok=True)
+        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env)
+    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in commands}
+    for attempt in range(repeat + 1):  # the first round warms the page cache and is not kept
+        for tool, (cmd, env) in commands.items():
+            measured = benchutil.run_measured(cmd, timeout=timeout, env=env)
+            if measured["returncode"] != 0:
+                raise SystemExit(f"{tool} failed on {folder}:\n"
+                                 f"{measured['stdout'][-2000:]}{measured['stderr'][-2000:]}")
+            if attempt:
+                runs[tool].append({"wall_s": round(measured["wall_s"], 4),
+                                   "peak_rss_mb": round(measured["peak_rss_mb"], 1)})
+    medians = {tool: statistics.median(r["wall_s"] for r in rs) for tool, rs in runs.items()}
+    return {
+        "series": name,
+        "folder": str(folder),
+        "n_files": sum(1 for p in folder.iterdir() if p.is_file()),
+        "runs": runs,
+        "median_wall_s": {tool: round(v, 4) for tool, v in medians.items()},
+        "median_peak_rss_mb": {tool: statistics.median(r["peak_rss_mb"] for r in rs) for tool, rs in runs.items()},
+        "ratio_hnct_over_dcm2niix": round(medians["hnct"] / medians["dcm2niix"], 3),
+        "ratio_reference_over_dcm2niix": round(medians["hnct_reference"] / medians["dcm2niix"], 3)
+        if "hnct_reference" in medians else None,
+        "within_target": medians["hnct"] / medians["dcm2niix"] <= TARGET_RATIO,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=7, help="alternating pairs per series (default 7)")
+    parser.add_argument("--lung1", default=str(LUNG1), help="the LUNG1-001 CT folder (skipped if absent)")
+    parser.add_argument("--small", action="store_true", help="one 64 x 64 x 20 generated series (smoke test)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per child, seconds")
+    parser.add_argument("--reference-checkout", default=None,
+                        help="another hnct checkout to time alongside (its workflow/ on PYTHONPATH)")
+    parser.add_argument("--workdir", default=None, help="where generated series and outputs go (default: temp)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/convert_vs_dcm2niix.json)")
+    args = parser.parse_args(argv)
+    info = benchutil.machine_info()
+    info["versions"]["dcm2niix"] = benchutil.metadata.version("dcm2niix")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hnct-vs-dcm2niix-"))
+    try:
+        series: list[tuple[str, Path]] = []
+        if args.small:
+            series.append(("generated-64x64x20", generated_series(workdir / "gen", 20, 64)))
+        else:
+            if Path(args.lung1).is_dir():
+                series.append(("LUNG1-001", Path(args.lung1)))
+            else:
+                print(f"LUNG1-001 not found at {args.lung1}: skipped", file=sys.stderr)
+            series.append(("generated-512x512x300", generated_series(workdir / "gen", 300, 512)))
+        reference = Path(args.reference_checkout).resolve() if args.reference_checkout else None
+        pairs = [measure_pair(name, folder, workdir, args.repeat, args.timeout, reference) for name, folder in series]
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "benchmark": "convert_vs_dcm2niix",
+        "reference": "dcm2niix -z n -b n (PyPI dcm2niix), same series, alternating runs",
+        "reference_checkout": str(reference) if reference else None,
+        "target": f"hnct / dcm2niix <= {TARGET_RATIO} (median whole-process wall time)",
+        "machine": benchutil.finish_info(info),
+        "pairs": pairs,
+    }
+    path = benchutil.write_result("convert_vs_dcm2niix", result, args.out)
+    print(benchutil.format_table(
+        [{"series": p["series"], "hnct": p["median_wall_s"]["hnct"], "dcm2niix": p["median_wall_s"]["dcm2niix"],
+          "ratio": p["ratio_hnct_over_dcm2niix"], "ok": "yes" if p["within_target"] else "no",
+          "before": p["ratio_reference_over_dcm2niix"],
+          "hnct_mb": p["median_peak_rss_mb"]["hnct"], "d2n_mb": p["median_peak_rss_mb"]["dcm2niix"]}
+         for p in pairs],
+        [("series", "series", ""), ("hnct", "hnct s", ".3f"), ("dcm2niix", "dcm2niix s", ".3f"),
+         ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""),
+         ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
+         ("d2n_mb", "dcm2niix MB", ".0f")]))
+    print(f"load average {info['loadavg_start']} -> {info['loadavg_end']}; written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
