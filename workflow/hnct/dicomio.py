@@ -35,8 +35,8 @@ and pixel lattice kept, the third axis along the normal, grown so no slice's fie
 cut off, as dcm2niix's tilt correction. An oblique series whose slices are stacked along their
 own normal is a regular volume and is read with its oblique direction matrix. Pixels are
 decoded by pydicom (which checks the pixel data length, unlike SimpleITK's series reader;
-compressed transfer syntaxes through its pylibjpeg plugins), rescaled to HU, rounded and
-clipped to int16; the image geometry is set from the validated headers.
+compressed transfer syntaxes through its GDCM, pyjpegls and pylibjpeg-openjpeg plugins), rescaled
+to HU, rounded and clipped to int16; the image geometry is set from the validated headers.
 
 Label maps (uint8, value = index in ``structures`` + 1, later structures painted over earlier):
 
@@ -64,15 +64,41 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, pixel_array
 
-from hnct.common import InputError, progress
 
-if TYPE_CHECKING:  # pandas is imported only to build index_series' DataFrame: convert starts without it
+def _import_pydicom():
+    """Import pydicom without ``requests``, unless something imported that already.
+
+    pydicom's import loads ``pydicom.data.download``, which imports ``requests`` when it is
+    installed (0.2-0.3 s, a third of pydicom's import) only to fetch pydicom's own test files;
+    without it pydicom falls back to urllib. hnct never downloads through pydicom, and each
+    convert job is a fresh process, so the block is lifted again right after the import.
+    """
+    import sys
+
+    blocked = "requests" not in sys.modules and "pydicom" not in sys.modules
+    if blocked:
+        sys.modules["requests"] = None  # type: ignore[assignment]  # `import requests` raises ImportError
+    try:
+        import pydicom
+    finally:
+        if blocked and sys.modules.get("requests", 0) is None:
+            del sys.modules["requests"]
+    return pydicom
+
+
+pydicom = _import_pydicom()
+from pydicom.errors import InvalidDicomError  # noqa: E402
+from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
+
+from hnct.common import InputError, progress  # noqa: E402
+
+# SimpleITK (0.2-0.4 s to import) is imported only where labels, resampling of label masks or an
+# image object are needed: the plain CT path (hnct.convert --labels none) never loads it.
+# pandas is imported only to build index_series' DataFrame.
+if TYPE_CHECKING:
     import pandas as pd
+    import SimpleITK as sitk
 
 log = logging.getLogger("hnct.dicomio")
 
@@ -625,7 +651,8 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
     number of voxels that had to be clipped.
 
     pydicom decodes the pixel data (it checks its length against the header, unlike SimpleITK's
-    series reader; compressed transfer syntaxes through the pylibjpeg plugins, RLE natively);
+    series reader; compressed transfer syntaxes through the GDCM (JPEG baseline/lossless), pyjpegls
+    (JPEG-LS) and pylibjpeg-openjpeg (JPEG 2000) plugins, RLE natively);
     a transfer syntax no installed plugin decodes is this file's InputError naming it. Each file
     is read once (a multi-frame file's frames are kept until the last is placed). The usual CT
     rescale is applied in integers straight into the preallocated int16 volume.
@@ -683,8 +710,9 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
     return volume, n_clipped
 
 
-def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
-    """The CT series as an int16 HU SimpleITK image (LPS geometry from the headers) + geometry info.
+def read_ct_array(case: str, series: dict[str, Any], **checks: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The CT series as an int16 HU array (z, y, x) + geometry info (``size``, ``spacing``,
+    ``origin``, ``direction``: LPS mm, ITK conventions; ``hu_clipped_voxels``).
 
     ``checks`` are :func:`slice_geometry`'s keywords (gantry_tilt, max_tilt_deg,
     max_spacing_spread, max_slice_gap_mm, slice_step_mm). A tilted or unevenly spaced series is
@@ -698,13 +726,26 @@ def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Imag
                          f"{rows_cols}")
     if geometry["resample"] is not None:
         hu = resample_slices(hu, geometry["resample"], geometry["size"])
-    image = sitk.GetImageFromArray(hu)
+    geometry["hu_clipped_voxels"] = n_clipped
+    return hu, geometry
+
+
+def image_on_grid(array: np.ndarray, geometry: dict[str, Any]) -> sitk.Image:
+    """A SimpleITK image of a (z, y, x) array with ``geometry``'s origin, spacing and direction."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
     # Geometry from our own validated header read, not from the reader's guess.
     image.SetOrigin(geometry["origin"])
     image.SetSpacing(geometry["spacing"])
     image.SetDirection(geometry["direction"])
-    geometry["hu_clipped_voxels"] = n_clipped
-    return image, geometry
+    return image
+
+
+def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
+    """:func:`read_ct_array` as an int16 HU SimpleITK image (LPS geometry from the headers)."""
+    hu, geometry = read_ct_array(case, series, **checks)
+    return image_on_grid(hu, geometry), geometry
 
 
 # ----------------------------------------------------------------------------- labels
@@ -867,6 +908,8 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
+    import SimpleITK as sitk
+
     rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
     if not rt_rows:
         # No contours at all: an empty label map; convert excludes the case if structures are required.
@@ -911,6 +954,8 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image,
                           structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """Label map from per-structure mask files ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``."""
+    import SimpleITK as sitk
+
     folder = Path(mask_dir) / case
     if not folder.is_dir():
         raise InputError(case, folder, f"mask folder {folder} does not exist (convert.labels is nrrd)")
