@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from hnct.common import read_sidecar, write_json
 from hnct.convert import convert_case
-from test_dicomio import write_ct_series, write_rtstruct, square
+from test_dicomio import COLS, ROWS, write_ct_series, write_rtstruct, square
 
 REPO = Path(__file__).resolve().parents[1]
 # Lungs first, GTV-1 last: the tumour lies inside the lung contour and must be painted on top.
@@ -224,6 +224,38 @@ def test_cli_converts_a_series_with_a_localizer_beside_it(tmp_path):
     assert len(sidecar["series_choice"]["candidates"]) == 3
     assert sidecar["structures_present"] == ["Larynx"] and sidecar["label"] == str(out / "l.nrrd")
     assert (sitk.GetArrayFromImage(sitk.ReadImage(str(out / "l.nrrd"))) == 1).sum() > 0
+
+
+# Imports that cost a plain CT conversion (orthogonal, even spacing, no labels) a large share of
+# dcm2niix's whole run (benchmarks/convert_vs_dcm2niix.py): that path must not load them.
+HEAVY_IMPORTS = ("SimpleITK", "scipy", "pandas", "matplotlib", "torch", "highdicom", "requests")
+
+
+def test_plain_ct_conversion_imports_no_heavy_library(tmp_path):
+    ct = write_ct_series(tmp_path / "dicom" / "ct", 4, origin=(0.0, 0.0, 0.0))
+    out = tmp_path / "out"
+    script = (
+        "import sys\n"
+        "from hnct.convert import main\n"
+        f"main(['--case', 'C', '--dicom-dir', {str(tmp_path / 'dicom')!r}, '--volume', {str(out / 'v.nrrd')!r},"
+        f" '--sidecar', {str(out / 'v.json')!r}, '--labels', 'none'])\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_IMPORTS!r})))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env={"PYTHONPATH": str(REPO / "workflow"),
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", f"plain CT path imported {proc.stdout.strip()}"
+    sidecar = read_sidecar(out / "v.json")
+    assert sidecar["status"] == "ok" and sidecar["series_uid"] == ct["series_uid"]
+    # The pynrrd-written volume reads back through SimpleITK with the sidecar's geometry and the HU.
+    image = sitk.ReadImage(str(out / "v.nrrd"))
+    assert list(image.GetSize()) == sidecar["size"]
+    assert np.allclose(image.GetSpacing(), sidecar["spacing"]) and np.allclose(image.GetOrigin(), sidecar["origin"])
+    assert np.allclose(image.GetDirection(), sidecar["direction"])
+    hu = sitk.GetArrayFromImage(image)  # write_ct_series: HU = row - 1000, pixel (0, 0) of slice k 10 * k
+    assert hu.dtype == np.int16 and hu.shape == (4, ROWS, COLS)
+    assert np.array_equal(hu[:, 1:, :], np.broadcast_to(np.arange(1, ROWS)[None, :, None] - 1000, (4, ROWS - 1, COLS)))
+    assert hu[:, 0, 0].tolist() == [0, 10, 20, 30]
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,34 @@ def read(folder, series_uid="", **kw):
     return index, row, choice, image, geometry
 
 
+@pytest.mark.parametrize("signed,bits_stored,syntax", [(0, 16, "explicit"), (1, 16, "implicit"), (0, 12, "explicit"),
+                                                     (1, 12, "explicit"), (1, 10, "implicit")])
+def test_native_pixel_read_equals_pydicoms_pixel_array(tmp_path, monkeypatch, signed, bits_stored, syntax):
+    """The numpy read of uncompressed 16-bit slices gives pydicom's values, unused high bits included."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = _base(CTImageStorage, "CT", "P1", generate_uid(), generate_uid())
+    if syntax == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 7, 5, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, signed
+    # Every 16-bit pattern, so the unused high bits hold garbage that both reads must discard alike.
+    raw = np.random.default_rng(bits_stored + signed).integers(0, 2 ** 16, size=(7, 5), dtype=np.uint16)
+    ds.PixelData = raw.astype("<u2").tobytes()
+    path = tmp_path / "slice.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = pydicom.dcmread(path, defer_size=dicomio.DEFER_BYTES)
+    expected = pixel_array(pydicom.dcmread(path))
+
+    def not_the_fast_path(ds):
+        raise AssertionError("fell back to pydicom's pixel_array")
+
+    monkeypatch.setattr(dicomio, "pixel_array", not_the_fast_path)
+    fast = dicomio._stored_values(read)
+    assert fast.dtype == expected.dtype and np.array_equal(fast, expected)
+
+
 def test_index_groups_by_series_uid_not_folder_and_notes_non_dicom(tmp_path):
     a = write_ct_series(tmp_path / "mixed", 3, names=lambda k: f"a{k}.dcm")
     b = write_ct_series(tmp_path / "mixed", 4, names=lambda k: f"b{k}.dcm", patient="P1")

@@ -24,7 +24,8 @@ HNCT = REPO / "workflow" / "hnct"
 FAMILIES = ("fetch", "dicom", "train", "report")
 
 # conda-forge name -> PyPI name, where they differ.
-CONDA_TO_PYPI = {"simpleitk": "simpleitk", "pytorch": "torch", "matplotlib-base": "matplotlib"}
+CONDA_TO_PYPI = {"simpleitk": "simpleitk", "pytorch": "torch", "matplotlib-base": "matplotlib",
+                 "gdcm": "python-gdcm"}
 # import name -> PyPI name, for the third-party packages hnct imports.
 IMPORT_TO_PYPI = {
     "numpy": "numpy", "scipy": "scipy", "pandas": "pandas", "pydicom": "pydicom",
@@ -143,6 +144,21 @@ def test_every_pyproject_dependency_is_in_some_env():
     # jsonschema and pyyaml serve Snakemake's config validation in the main process, not the rules.
     missing = set(pyproject_pins()) - used - {"jsonschema", "pyyaml"}
     assert not missing, f"pinned in pyproject.toml but in no env: {sorted(missing)}"
+
+
+def test_runtime_dependencies_are_permissively_licensed():
+    """hnct is MIT: no runtime dependency may be GPL (pylibjpeg-libjpeg, GPL-3.0, was one; GDCM
+    decodes the JPEG syntaxes instead). Read from each installed package's licence metadata."""
+    from importlib import metadata
+
+    copyleft = {}
+    for name in pyproject_pins():
+        meta = metadata.metadata(name)
+        licences = [meta.get("License-Expression") or ""] + [
+            c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+        if any("GPL" in text for text in licences):
+            copyleft[name] = licences
+    assert not copyleft, f"copyleft runtime dependencies: {copyleft}"
 
 
 def test_every_rule_names_an_existing_env_with_what_its_code_imports():

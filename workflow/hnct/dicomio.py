@@ -35,8 +35,8 @@ and pixel lattice kept, the third axis along the normal, grown so no slice's fie
 cut off, as dcm2niix's tilt correction. An oblique series whose slices are stacked along their
 own normal is a regular volume and is read with its oblique direction matrix. Pixels are
 decoded by pydicom (which checks the pixel data length, unlike SimpleITK's series reader;
-compressed transfer syntaxes through its pylibjpeg plugins), rescaled to HU, rounded and
-clipped to int16; the image geometry is set from the validated headers.
+compressed transfer syntaxes through its GDCM, pyjpegls and pylibjpeg-openjpeg plugins), rescaled
+to HU, rounded and clipped to int16; the image geometry is set from the validated headers.
 
 Label maps (uint8, value = index in ``structures`` + 1, later structures painted over earlier):
 
@@ -64,15 +64,42 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, pixel_array
 
-from hnct.common import InputError, progress
 
-if TYPE_CHECKING:  # pandas is imported only to build index_series' DataFrame: convert starts without it
+def _import_pydicom():
+    """Import pydicom without ``requests``, unless something imported that already.
+
+    pydicom's import loads ``pydicom.data.download``, which imports ``requests`` when it is
+    installed (0.2-0.3 s, a third of pydicom's import) only to fetch pydicom's own test files;
+    without it pydicom falls back to urllib. hnct never downloads through pydicom, and each
+    convert job is a fresh process, so the block is lifted again right after the import.
+    """
+    import sys
+
+    blocked = "requests" not in sys.modules and "pydicom" not in sys.modules
+    if blocked:
+        sys.modules["requests"] = None  # type: ignore[assignment]  # `import requests` raises ImportError
+    try:
+        import pydicom
+    finally:
+        if blocked and sys.modules.get("requests", 0) is None:
+            del sys.modules["requests"]
+    return pydicom
+
+
+pydicom = _import_pydicom()
+from pydicom.errors import InvalidDicomError  # noqa: E402
+from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
+
+from hnct.common import InputError, progress  # noqa: E402
+
+# SimpleITK (0.2-0.4 s to import) is imported only where labels, resampling of label masks or an
+# image object are needed: the plain CT path (hnct.convert --labels none) never loads it.
+# pandas is imported only to build index_series' DataFrame.
+if TYPE_CHECKING:
     import pandas as pd
+    import SimpleITK as sitk
 
 log = logging.getLogger("hnct.dicomio")
 
@@ -617,6 +644,34 @@ def _decode_error(file: str, ds: pydicom.Dataset | None, err: Exception) -> str:
     return f"cannot decode pixel data{named}: {type(err).__name__}: {first_line}"
 
 
+def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
+    """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
+
+    Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
+    is read straight from the bytes with numpy: pydicom's decoder framework costs about 2 ms a
+    slice on top (a quarter of a 134-slice conversion). Its length is checked as pydicom checks
+    it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
+    extended for signed ones). Anything else goes through pydicom.
+    """
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    native = (getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+              in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+              and ds.get("BitsAllocated") == 16 and int(ds.get("SamplesPerPixel") or 1) == 1
+              and int(ds.get("NumberOfFrames") or 1) == 1 and ds.get("PixelRepresentation") in (0, 1)
+              and "PerFrameFunctionalGroupsSequence" not in ds)
+    bits_stored = int(ds.get("BitsStored") or 16)
+    if not native or not 1 <= bits_stored <= 16:
+        return pixel_array(ds)
+    data = ds.PixelData
+    if len(data) != rows * cols * 2:
+        return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
+    stored = np.frombuffer(data, dtype="<i2" if ds.PixelRepresentation == 1 else "<u2").reshape(rows, cols)
+    if bits_stored < 16:
+        shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
+        stored = (stored << shift) >> shift
+    return stored
+
+
 def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None] | None = None,
                     datasets: Sequence[pydicom.Dataset | None] | None = None) -> tuple[np.ndarray, int]:
     """HU (modality rescale applied, rounded, clipped to int16) as int16 (z, y, x), slices in the
@@ -625,7 +680,8 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
     number of voxels that had to be clipped.
 
     pydicom decodes the pixel data (it checks its length against the header, unlike SimpleITK's
-    series reader; compressed transfer syntaxes through the pylibjpeg plugins, RLE natively);
+    series reader; compressed transfer syntaxes through the GDCM (JPEG baseline/lossless), pyjpegls
+    (JPEG-LS) and pylibjpeg-openjpeg (JPEG 2000) plugins, RLE natively);
     a transfer syntax no installed plugin decodes is this file's InputError naming it. Each file
     is read once (a multi-frame file's frames are kept until the last is placed). The usual CT
     rescale is applied in integers straight into the preallocated int16 volume.
@@ -643,9 +699,9 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
         try:
             if file not in decoded:
                 ds = ds if ds is not None and "PixelData" in ds else pydicom.dcmread(file)
-                # pixel_array(ds) decodes without caching the array on the (index's) dataset; the
-                # pixel data bytes it loaded are released below, once the file's frames are placed.
-                decoded[file] = (ds, pixel_array(ds))
+                # Decoded without caching the array on the (index's) dataset; the pixel data bytes
+                # it loaded are released below, once the file's frames are placed.
+                decoded[file] = (ds, _stored_values(ds))
             ds, stored = decoded[file]
             if frame is not None:
                 if stored.ndim != 3 or frame >= stored.shape[0]:
@@ -683,8 +739,9 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
     return volume, n_clipped
 
 
-def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
-    """The CT series as an int16 HU SimpleITK image (LPS geometry from the headers) + geometry info.
+def read_ct_array(case: str, series: dict[str, Any], **checks: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The CT series as an int16 HU array (z, y, x) + geometry info (``size``, ``spacing``,
+    ``origin``, ``direction``: LPS mm, ITK conventions; ``hu_clipped_voxels``).
 
     ``checks`` are :func:`slice_geometry`'s keywords (gantry_tilt, max_tilt_deg,
     max_spacing_spread, max_slice_gap_mm, slice_step_mm). A tilted or unevenly spaced series is
@@ -698,13 +755,26 @@ def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Imag
                          f"{rows_cols}")
     if geometry["resample"] is not None:
         hu = resample_slices(hu, geometry["resample"], geometry["size"])
-    image = sitk.GetImageFromArray(hu)
+    geometry["hu_clipped_voxels"] = n_clipped
+    return hu, geometry
+
+
+def image_on_grid(array: np.ndarray, geometry: dict[str, Any]) -> sitk.Image:
+    """A SimpleITK image of a (z, y, x) array with ``geometry``'s origin, spacing and direction."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
     # Geometry from our own validated header read, not from the reader's guess.
     image.SetOrigin(geometry["origin"])
     image.SetSpacing(geometry["spacing"])
     image.SetDirection(geometry["direction"])
-    geometry["hu_clipped_voxels"] = n_clipped
-    return image, geometry
+    return image
+
+
+def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Image, dict[str, Any]]:
+    """:func:`read_ct_array` as an int16 HU SimpleITK image (LPS geometry from the headers)."""
+    hu, geometry = read_ct_array(case, series, **checks)
+    return image_on_grid(hu, geometry), geometry
 
 
 # ----------------------------------------------------------------------------- labels
@@ -883,6 +953,8 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
+    import SimpleITK as sitk
+
     rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
     if not rt_rows:
         # No contours at all: an empty label map; convert excludes the case if structures are required.
@@ -923,6 +995,8 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image,
                           structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
     """Label map from per-structure mask files ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``."""
+    import SimpleITK as sitk
+
     folder = Path(mask_dir) / case
     if not folder.is_dir():
         raise InputError(case, folder, f"mask folder {folder} does not exist (convert.labels is nrrd)")
