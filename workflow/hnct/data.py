@@ -218,6 +218,17 @@ def segment_augmentation():
     ])
 
 
+def seeded_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, epoch: int,
+                  sampler=None):
+    """A DataLoader whose shuffling and worker seeds depend only on (seed, epoch)."""
+    from monai.data import DataLoader
+
+    generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, generator=generator, drop_last=False,
+                      persistent_workers=False)
+
+
 class ItemDataset(torch.utils.data.Dataset):
     """Cached items with an optional (random) dictionary transform applied on access."""
 
@@ -236,49 +247,3 @@ class ItemDataset(torch.utils.data.Dataset):
         out = {k: torch.as_tensor(data[k]).as_subclass(torch.Tensor) for k in self.keys}
         out["index"] = index
         return out
-
-
-# ---------------------------------------------------------------- crops index (rule index_crops)
-def write_sidecar_index(sidecar_paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
-    """``case, status, sidecar, sha256`` of every sidecar: one file that changes when any of them does.
-
-    The workflow's classification training depends on it when the crops are not upstream of
-    folds.tsv (``slices.source: volume``), instead of on every crop sidecar per training job.
-    """
-    import hashlib
-
-    from hnct.common import atomic_path
-
-    rows = []
-    for path in progress(sorted(Path(p) for p in sidecar_paths), every=500, what="sidecars indexed"):
-        sidecar = read_sidecar(path)
-        rows.append({"case": sidecar.get("case", path.stem), "status": sidecar.get("status", ""),
-                     "sidecar": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    table = pd.DataFrame(rows, columns=["case", "status", "sidecar", "sha256"])
-    with atomic_path(out) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from hnct.common import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m hnct.data", description="index the crop sidecars")
-    sub = parser.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="case, status, sidecar, sha256 of every sidecar")
-    index.add_argument("--sidecars", nargs="*", default=[])
-    index.add_argument("--out", required=True)
-    index.add_argument("--log")
-    args = parser.parse_args(argv)
-    setup_logging(args.log)
-    table = write_sidecar_index(args.sidecars, args.out)
-    log.info("%d sidecars indexed in %s", len(table), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,9 @@ import pandas as pd
 import SimpleITK as sitk
 
 from hnct.common import InputError, atomic_path, progress, read_json, setup_logging, software_versions, write_json
+from hnct.metrics import json_safe
 from hnct.metrics import segmentation as segm
+from hnct.tasks.segment import Segment
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,10 @@ def write_mask(pred: np.ndarray, reference: sitk.Image, path: str | Path) -> Pat
     return Path(path)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metrics: str | Path,
                      out_per_case: str | Path, masks_dir: str | Path, model: str, fold: int,
                      nsd_tolerance_mm: float = 2.0, threshold: float = 0.5,
-                     structure: str | None = None) -> dict[str, Any]:
+                     structure: str | None = None, task: str = Segment.name) -> dict[str, Any]:
     """Score every validation case of one fold; write masks, per_case.csv and metrics.json."""
     pred_table = pd.read_csv(predictions)
     missing = {"case", "slice", "prob_npz"} - set(pred_table.columns)
@@ -198,7 +193,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
     all_slices = np.concatenate(pooled_slice_dice) if pooled_slice_dice else np.zeros(0)
     labelled = np.concatenate(pooled_labelled) if pooled_labelled else np.zeros(0)
     payload = {
-        "task": "segment",
+        "task": task,
         "model": model,
         "fold": int(fold),
         "structure": sorted(structures)[0] if len(structures) == 1 else sorted(structures),
@@ -218,7 +213,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
         "fold_slices": str(fold_slices),
         "versions": software_versions(),
     }
-    write_json(out_metrics, {k: _clean(v) for k, v in payload.items()})
+    write_json(out_metrics, json_safe(payload))
     log.info("segment %s fold %s: %d cases, mean Dice %s (n=%s), %d both empty, %d excluded", model, fold,
              len(rows), summary["dice"]["mean"], summary["dice"]["n"], summary["n_both_empty"], len(excluded))
     return payload
@@ -226,6 +221,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnct segeval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default=Segment.name, help="the segmentation task (default segment)")
     parser.add_argument("--predictions", required=True, help="val_predictions.csv (case, slice, prob_npz, fold)")
     parser.add_argument("--fold-slices", required=True, help="results/folds/segment/fold{k}_slices.tsv")
     parser.add_argument("--out-metrics", required=True, help="metrics.json")
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_segment(args.predictions, args.fold_slices, args.out_metrics, args.out_per_case, args.masks_dir,
                          args.model, args.fold, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
-                         structure=args.structure)
+                         structure=args.structure, task=args.task)
     except InputError as err:
         log.error("%s", err)
         return 1
