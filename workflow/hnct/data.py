@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from hnct.common import InputError, progress, read_sidecar
+from hnct.common import InputError, progress, read_sidecar, structure_values
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def unfit_slice(fitted: np.ndarray, shape: Sequence[int], fill: float = 0) -> np
 
 def structure_value(labels: dict[str, str], structure: str) -> int | None:
     """Label value of ``structure`` (case-insensitive) in ``labels`` (value -> name), None if absent."""
-    values = [int(v) for v, name in labels.items() if str(name).lower() == structure.lower()]
+    values = structure_values(labels, structure)
     return values[0] if values else None
 
 

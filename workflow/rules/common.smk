@@ -2,7 +2,6 @@
 # input functions, code versions, one wildcard_constraints block.
 
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -33,9 +32,13 @@ PLUGINS_ARG = " ".join(["--plugins", *PLUGINS]) if PLUGINS else ""
 TASKS = list(config["tasks"])
 TASK = {task: hnct.tasks.get_task(task) for task in TASKS}
 for _task in TASKS:
-    config["train"][_task] = hnct.tasks.train_section(_task, config["train"].get(_task, {}))
+    config["train"][_task] = hnct.tasks.train_section(
+        _task, config["train"].get(_task, {})
+    )
     for _model in config["models"].get(_task, []):
-        hnct.models.get_model(_model, _task)  # an unknown name: an error naming the registered ones
+        hnct.models.get_model(
+            _model, _task
+        )  # an unknown name: an error naming the registered ones
 
 SOURCE = config["cohort"]["source"]
 if SOURCE == "demo":
@@ -83,7 +86,9 @@ def cli_options(options):
     """``--name value`` pairs (each value shell-quoted) from a task's option dict."""
     import shlex
 
-    return " ".join(f"--{name} {shlex.quote(str(value))}" for name, value in options.items())
+    return " ".join(
+        f"--{name} {shlex.quote(str(value))}" for name, value in options.items()
+    )
 
 
 def case_row(wildcards):
@@ -243,7 +248,8 @@ TRAIN_SHARED_KEYS = ("seed", "device", "num_workers", "checkpoint_every")
 
 def train_config_json(task, model):
     """What the trainer of ``task`` x ``model`` gets as --config: the task's section without the keys
-    of the task's other models, plus the shared keys. One model's hyperparameter reruns that model."""
+    of the task's other models, plus the shared keys. One model's hyperparameter reruns that model.
+    """
     others = hnct.models.other_models_keys(task, model)
     section = {k: v for k, v in config["train"][task].items() if k not in others}
     shared = {key: config["train"][key] for key in TRAIN_SHARED_KEYS}

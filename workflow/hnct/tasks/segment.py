@@ -46,6 +46,7 @@ class Segment(Task):
     @classmethod
     def evaluate_options(cls, config):
         return {"masks-dir": "results/evaluate/{task}/{model}/fold{fold}/masks",
+                "slices-dir": "results/slices",
                 "nsd-tolerance-mm": config["evaluate"]["nsd_tolerance_mm"],
                 "threshold": config["evaluate"]["mask_threshold"]}
 
