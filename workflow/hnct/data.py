@@ -63,6 +63,14 @@ def sidecars_in(directory: str | Path, cases: Sequence[str]) -> dict[str, Path]:
     return {str(case): Path(directory) / f"{case}.json" for case in cases}
 
 
+def given_or_found_sidecars(given, directory: str | Path | None, cases: Sequence[str]):
+    """The sidecars a caller gave (paths or ``{case: path}``), else those of ``cases`` in ``directory``
+    (what a training job does: it depends on the fold table, not on every sidecar)."""
+    if given is None and directory is not None:
+        return sidecars_in(directory, list(cases))
+    return given or []
+
+
 def fit_volume(volume: np.ndarray, shape: Sequence[int], fit: str) -> np.ndarray:
     """Bring a (z, y, x) float volume to ``shape``: ``resize`` (trilinear, whole crop, aspect not kept)
     or ``pad_crop`` (centred; pads with the volume's minimum, i.e. air after clipping)."""

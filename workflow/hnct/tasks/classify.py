@@ -11,7 +11,6 @@ the test set is predicted by every fold and ensembled (rule ``ensemble_test``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from hnct.tasks import Task, register_task
 
@@ -67,11 +66,8 @@ class Classify(Task):
         folds_tsv = inputs["folds_tsv"]
         train_rows, val_rows = hdata.read_fold_cases(folds_tsv, fold)
         test_rows = hdata.read_test_cases(folds_tsv)
-        if inputs.get("crop_sidecars") is None and inputs.get("crops_dir") is not None:
-            listed = pd.concat([train_rows["case"], val_rows["case"], test_rows["case"]])
-            sidecars: Any = hdata.sidecars_in(inputs["crops_dir"], list(listed))
-        else:
-            sidecars = inputs.get("crop_sidecars") or []
+        listed = pd.concat([train_rows["case"], val_rows["case"], test_rows["case"]])
+        sidecars = hdata.given_or_found_sidecars(inputs.get("crop_sidecars"), inputs.get("crops_dir"), listed)
         log.info("%d train, %d validation and %d test cases", len(train_rows), len(val_rows), len(test_rows))
         if test_rows.empty:
             log.info("no test set in %s (folds.test: none, or no case marked test)", folds_tsv)

@@ -70,7 +70,8 @@ class Segment(Task):
 
     @classmethod
     def add_train_arguments(cls, parser) -> None:
-        parser.add_argument("--fold-slices", dest="fold_slices_tsv", required=True, help="results/folds/segment/fold{k}_slices.tsv")
+        parser.add_argument("--fold-slices", dest="fold_slices_tsv", required=True,
+                            help="results/folds/segment/fold{k}_slices.tsv")
         parser.add_argument("--slice-sidecars", nargs="*", default=None,
                             help="results/slices/{case}.json (default: --slices-dir/{case}.json)")
         parser.add_argument("--slices-dir", help="folder of the slices sidecars of the cases in --fold-slices")
@@ -83,11 +84,9 @@ class Segment(Task):
         from hnct import data as hdata
 
         fold_slices_tsv = inputs["fold_slices_tsv"]
-        if inputs.get("slice_sidecars") is None and inputs.get("slices_dir") is not None:
-            listed = pd.read_csv(fold_slices_tsv, sep="\t", usecols=["case"], dtype={"case": str})["case"]
-            sidecars = hdata.sidecars_in(inputs["slices_dir"], sorted(set(listed)))
-        else:
-            sidecars = inputs.get("slice_sidecars") or []
+        listed = pd.read_csv(fold_slices_tsv, sep="\t", usecols=["case"], dtype={"case": str})["case"]
+        sidecars = hdata.given_or_found_sidecars(inputs.get("slice_sidecars"), inputs.get("slices_dir"),
+                                                 sorted(set(listed)))
         run = SegmentRun(cfg, fold_slices_tsv, sidecars, fold)
         log.info("%d train slices (%d positive), %d validation slices", len(run.train_items),
                  int(run.train_positive.sum()), len(run.val_items))
