@@ -130,9 +130,16 @@ def test_outputs_follow_the_contract(tmp_path):
     folds = pd.read_csv(folds_tsv, sep="\t")
     assert sorted(predictions["case"]) == sorted(folds.loc[folds["fold"] == 1, "case"])
     assert predictions["probability"].between(0, 1).all() and (predictions["fold"] == 1).all()
+    # tensors and plain data only: weights_only=True refuses any pickled object
     best = torch.load(out / "best.pt", weights_only=True)
     assert {"model_state", "model", "task", "config", "epoch", "versions"} <= set(best)
     assert best["model"] == "cnn3d" and best["task"] == "classify" and best["epoch"] in (1, 2)
+    for checkpoint in ("last.pt", "best_model.pt"):
+        assert torch.load(out / "checkpoints" / checkpoint, weights_only=True)["epoch"] in (1, 2)
+    # config and versions beside the weights as JSON
+    summary = json.loads((out / "best.json").read_text())
+    assert summary["config"] == best["config"] and summary["versions"] == best["versions"]
+    assert summary["epoch"] == best["epoch"] and "model_state" not in summary
     # no test set in this folds.tsv: the declared test predictions are the header alone
     test_predictions = pd.read_csv(out / "test_predictions.csv")
     assert test_predictions.empty and list(test_predictions.columns) == list(predictions.columns)
