@@ -284,6 +284,8 @@ def get_train_config(wildcards):
 
 
 def get_train_code(wildcards):
+    """Beside the rule's static code_version: the task's and the model's own modules (all of
+    hnct.tasks.training_modules, the checkpoint fingerprint's list)."""
     return code_version(*hnct.tasks.training_modules(wildcards.task, wildcards.model))
 
 
@@ -312,9 +314,10 @@ def get_evaluate_options(wildcards, input):
     return cli_options({**named, **options})
 
 
-def get_evaluate_code(wildcards):
+def get_task_code(wildcards):
+    """Beside a rule's static code_version: the task's own module and the modules it names."""
     task = TASK[wildcards.task]
-    return code_version("evaluate", "tasks", task.__module__, *task.modules)
+    return code_version(task.__module__, *task.modules)
 
 
 def get_evaluate_mem_mb(wildcards):
@@ -327,11 +330,6 @@ def get_evaluate_mem_mb(wildcards):
 def get_fold_sidecars(wildcards):
     """The per-case sidecars the task's folds read (registry: fold_sidecars)."""
     return expand(TASK[wildcards.task].fold_sidecars, case=CASES)
-
-
-def get_fold_code(wildcards):
-    task = TASK[wildcards.task]
-    return code_version("folds", "cohort", "tasks", task.__module__)
 
 
 def get_fold_options(wildcards):

@@ -25,7 +25,8 @@ rule evaluate_fold:
     params:
         options=get_evaluate_options,
         plugins=PLUGINS_ARG,
-        code=get_evaluate_code,
+        code=code_version("evaluate", "tasks"),
+        task_code=get_task_code,
     shell:
         "python -m hnct.evaluate --task {wildcards.task} --predictions {input.predictions:q}"
         " --out-metrics {output.metrics:q} --out-per-case {output.per_case:q}"

@@ -60,7 +60,8 @@ rule split_folds:
         test_fraction=config["folds"]["test_fraction"],
         options=get_fold_options,
         plugins=PLUGINS_ARG,
-        code=get_fold_code,
+        code=code_version("folds", "cohort", "tasks"),
+        task_code=get_task_code,
     shell:
         "python -m hnct.folds --log {log:q} split --task {wildcards.task} --cohort {input.cohort:q}"
         " --sidecars {input.sidecars:q} --out-folds {output.folds:q} --out-splits {output.splits:q}"

@@ -30,7 +30,8 @@ rule train_fold:
         config=get_train_config,
         inputs=get_train_options,
         plugins=PLUGINS_ARG,
-        code=get_train_code,
+        code=code_version("train", "data", "losses", "tasks", "models"),
+        task_code=get_train_code,
     shell:
         "python -m hnct.train --task {wildcards.task} --model {wildcards.model} --fold {wildcards.fold}"
         " --out-dir {params.out_dir:q} --config {params.config:q} {params.inputs} {params.plugins}"
