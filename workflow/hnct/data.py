@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from hnct.common import InputError, progress, read_sidecar, structure_values
+from hnct.common import InputError, progress, read_image, read_sidecar, structure_values
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ def preprocess_crop(case: str, crop_path: str | Path, hu_clip: Sequence[float],
                     input_shape: Sequence[int], fit: str) -> np.ndarray:
     """(1, D, H, W) float32 network input of one crop: HU clipped to ``hu_clip``, z-scored over the
     volume (after clipping), fitted to ``input_shape``."""
-    try:
-        image = sitk.ReadImage(str(crop_path))
-    except RuntimeError as error:
-        raise InputError(case, str(crop_path), f"cannot read crop: {error}") from error
+    image = read_image(case, crop_path, "crop")
     hu = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
     if hu.ndim != 3:
         raise InputError(case, str(crop_path), f"crop is not a 3D image (shape {hu.shape})")

@@ -38,7 +38,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from hnct.common import atomic_path, read_json, setup_logging
+from hnct.common import atomic_path, read_image, read_json, setup_logging
 from hnct.tasks import add_plugins_argument, get_task, load_plugins
 
 log = logging.getLogger("hnct.report")
@@ -643,8 +643,10 @@ def plot_crop_qa(crop_sidecars: list[str], png: str | Path, style: dict, max_cas
         sidecar = read_json(path)
         if sidecar.get("status") != "ok":
             continue
-        image = sitk.GetArrayFromImage(sitk.ReadImage(sidecar["volume"]))
-        label = sitk.GetArrayFromImage(sitk.ReadImage(sidecar["label"])) if sidecar.get("label") else None
+        case = str(sidecar["case"])
+        image = sitk.GetArrayFromImage(read_image(case, sidecar["volume"], "crop"))
+        label = (sitk.GetArrayFromImage(read_image(case, sidecar["label"], "crop label map"))
+                 if sidecar.get("label") else None)
         mid = image.shape[0] // 2
         tiles.append((sidecar["case"], image[mid], None if label is None else label[mid]))
     n = max(1, len(tiles))
