@@ -226,7 +226,9 @@ def run_modes(modules, workdir: Path, rows, config, args, device) -> dict[str, A
 
     t0 = time.perf_counter()
     # Reads, clips, z-scores and fits every crop once (the trainer's in-memory cache).
-    task = htrain.ClassifyTask(cfg, train_rows, val_rows, sidecars, 0)
+    from hnct.tasks.classify import ClassifyRun
+
+    task = ClassifyRun(cfg, train_rows, val_rows, sidecars, 0)
     cache_s = time.perf_counter() - t0
     model = hmodels.build_model("classify", args.model, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))

@@ -65,4 +65,8 @@ def test_input_error_for_another_case_is_a_bug(tmp_path):
 def test_sidecar_json_is_stable(tmp_path):
     write_json(tmp_path / "a.json", {"b": 1, "a": [1.5]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": [1.5], "b": 1}
+    # stable = the same bytes whatever the insertion order: keys sorted, 2-space indent, newline
+    write_json(tmp_path / "b.json", {"a": [1.5], "b": 1})
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
     assert "torch" in software_versions() and "pydicom" in software_versions()

@@ -19,7 +19,8 @@ from hnct import report
 from hnct.evaluate import BEST_FOLD_CRITERION, evaluate_classify, main as evaluate_main
 from hnct.metrics.classification import evaluate_predictions
 from hnct.models import build_model
-from hnct.train import PREDICTION_COLUMNS, train_fold
+from hnct.tasks import get_task
+from hnct.train import train_fold
 from test_train import classify_cfg, make_cohort
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "workflow" / "report" / "published_laryngealct.tsv"
@@ -68,11 +69,11 @@ def test_trainer_predicts_the_test_set_it_never_trained_or_validated_on(tmp_path
     for fold, path in enumerate(test_files):
         out = Path(path).parent
         predictions = pd.read_csv(path, dtype={"case": str})
-        assert tuple(predictions.columns) == PREDICTION_COLUMNS["classify"]
+        assert tuple(predictions.columns) == get_task("classify").prediction_columns
         assert list(pd.read_csv(out / "val_predictions.csv").columns) == list(predictions.columns)
         assert sorted(predictions["case"]) == sorted(test_cases) and (predictions["fold"] == fold).all()
         # What the trainer used, as it recorded it: the test cases are in neither its train nor its val set.
-        best = torch.load(out / "best.pt", weights_only=False)
+        best = torch.load(out / "best.pt", weights_only=True)
         used = best["cases"]
         assert sorted(used["test"]) == sorted(test_cases)
         assert not set(used["test"]) & (set(used["train"]) | set(used["val"]))
@@ -211,8 +212,8 @@ def test_no_test_set_runs_cleanly_from_trainer_to_report(tmp_path, capfd):
     out = tmp_path / "train" / "classify" / "cnn3d" / "fold0"
     train_fold("classify", "cnn3d", 0, out, classify_cfg(epochs=1), folds_tsv=folds_tsv, crops_dir=tmp_path / "crops")
     empty = pd.read_csv(out / "test_predictions.csv")
-    assert empty.empty and tuple(empty.columns) == PREDICTION_COLUMNS["classify"]
-    assert torch.load(out / "best.pt", weights_only=False)["cases"]["test"] == []
+    assert empty.empty and tuple(empty.columns) == get_task("classify").prediction_columns
+    assert torch.load(out / "best.pt", weights_only=True)["cases"]["test"] == []
     evaluated = tmp_path / "evaluate" / "classify" / "cnn3d" / "fold0"
     evaluate_classify(out / "val_predictions.csv", evaluated / "metrics.json", evaluated / "per_case.csv", "cnn3d", 0)
     capfd.readouterr()

@@ -89,9 +89,12 @@ def test_bad_predictions_are_an_error_naming_the_file(tmp_path, capfd, content, 
     assert not out_metrics.exists()
 
 
-def test_segment_is_handed_to_segeval():
+def test_segment_is_handed_to_segeval(monkeypatch):
+    """``--task segment`` reaches hnct.segeval.main with every argument (the registry's evaluate_main)."""
     segeval = pytest.importorskip("hnct.segeval")
-    with pytest.raises(SystemExit) as done:
-        main(["--task", "segment", "--help"])
-    assert done.value.code == 0
+    received = []
+    monkeypatch.setattr(segeval, "main", lambda argv: received.append(list(argv)) or 7)
+    argv = ["--task", "segment", "--predictions", "p.csv", "--fold-slices", "f.tsv", "--model", "unet"]
+    assert main(argv) == 7
+    assert received == [argv]
     assert sys.modules["hnct.segeval"] is segeval

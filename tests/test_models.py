@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hnct.models import CLASSIFY_MODELS, build_model
+from hnct.models import build_model, model_names
 
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("name", CLASSIFY_MODELS)
+@pytest.mark.parametrize("name", model_names("classify"))
 def test_classify_model_forward_backward(name):
     torch.manual_seed(0)
     model = build_model("classify", name, {"cnn3d_channels": [4, 8, 16]})

@@ -93,7 +93,7 @@ def fold_dir(tmp_path, monkeypatch):
     argv = ["--predictions", str(predictions.relative_to(tmp_path)),
             "--fold-slices", str(fold_slices.relative_to(tmp_path)),
             "--out-metrics", str(out / "metrics.json"), "--out-per-case", str(out / "per_case.csv"),
-            "--masks-dir", str(out / "masks"), "--model", "snet", "--fold", "0",
+            "--masks-dir", str(out / "masks"), "--slices-dir", "results/slices", "--model", "snet", "--fold", "0",
             "--nsd-tolerance-mm", "1.0", "--threshold", "0.5"]
     return tmp_path, out, argv
 

@@ -25,7 +25,8 @@ from sklearn.metrics import roc_auc_score
 
 from hnct import data as hdata
 from hnct.common import write_json
-from hnct.train import HISTORY_COLUMNS, train_fold
+from hnct.tasks import get_task
+from hnct.train import train_fold
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -122,16 +123,23 @@ def test_outputs_follow_the_contract(tmp_path):
                                                          class_weights=[1.0, 4.0]),
                folds_tsv=folds_tsv, crop_sidecars=sidecars)
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == HISTORY_COLUMNS["classify"]
+    assert list(history.columns) == list(get_task("classify").history_columns)
     assert list(history["epoch"]) == [1, 2]
     predictions = pd.read_csv(out / "val_predictions.csv")
     assert list(predictions.columns) == ["case", "label", "probability", "fold"]
     folds = pd.read_csv(folds_tsv, sep="\t")
     assert sorted(predictions["case"]) == sorted(folds.loc[folds["fold"] == 1, "case"])
     assert predictions["probability"].between(0, 1).all() and (predictions["fold"] == 1).all()
-    best = torch.load(out / "best.pt", weights_only=False)
+    # tensors and plain data only: weights_only=True refuses any pickled object
+    best = torch.load(out / "best.pt", weights_only=True)
     assert {"model_state", "model", "task", "config", "epoch", "versions"} <= set(best)
     assert best["model"] == "cnn3d" and best["task"] == "classify" and best["epoch"] in (1, 2)
+    for checkpoint in ("last.pt", "best_model.pt"):
+        assert torch.load(out / "checkpoints" / checkpoint, weights_only=True)["epoch"] in (1, 2)
+    # config and versions beside the weights as JSON
+    summary = json.loads((out / "best.json").read_text())
+    assert summary["config"] == best["config"] and summary["versions"] == best["versions"]
+    assert summary["epoch"] == best["epoch"] and "model_state" not in summary
     # no test set in this folds.tsv: the declared test predictions are the header alone
     test_predictions = pd.read_csv(out / "test_predictions.csv")
     assert test_predictions.empty and list(test_predictions.columns) == list(predictions.columns)
@@ -188,7 +196,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
     assert last.exists(), "no checkpoint after the first epoch"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
-    checkpoint = torch.load(last, weights_only=False)
+    checkpoint = torch.load(last, weights_only=True)
     stopped_at = checkpoint["epoch"]
     assert 1 <= stopped_at < 6, "the run finished before the signal: make the test set bigger"
     for declared in ("best.pt", "history.csv", "val_predictions.csv", "test_predictions.csv"):
@@ -226,9 +234,9 @@ def test_resume_only_from_a_checkpoint_of_the_same_config_and_code(tmp_path, mon
 
     train_fold("classify", "cnn3d", 0, out, cfg, folds_tsv=folds_tsv, crop_sidecars=sidecars)
     first = pd.read_csv(out / "history.csv")
-    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["fingerprint"] == htrain.run_fingerprint("classify", "cnn3d", cfg)
-    assert checkpoint["fingerprint"]["code"] == htrain.trainer_code_hash() and len(checkpoint["fingerprint"]["code"]) == 64
+    assert checkpoint["fingerprint"]["code"] == htrain.trainer_code_hash("classify", "cnn3d") and len(checkpoint["fingerprint"]["code"]) == 64
 
     # same config and code: resumed, nothing retrained (the history is the checkpoint's, seconds included)
     same = rerun(cfg)
@@ -236,7 +244,7 @@ def test_resume_only_from_a_checkpoint_of_the_same_config_and_code(tmp_path, mon
     pd.testing.assert_frame_equal(same, first)
 
     # the trainer's code changed: not resumed, trained again from epoch 1, and the log says why
-    monkeypatch.setattr(htrain, "trainer_code_hash", lambda: "0" * 64)
+    monkeypatch.setattr(htrain, "trainer_code_hash", lambda task, model: "0" * 64)
     changed = rerun(cfg)
     err = caplog.text
     assert "not resuming" in err and "trainer code" in err and "resumed from" not in err
@@ -249,7 +257,7 @@ def test_resume_only_from_a_checkpoint_of_the_same_config_and_code(tmp_path, mon
     assert "not resuming" in err and "--config JSON" in err and list(other["epoch"]) == [1, 2]
 
     # a checkpoint without a fingerprint (an older trainer) is not resumed either
-    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     del last["fingerprint"]
     torch.save(last, out / "checkpoints" / "last.pt")
     rerun({**cfg, "checkpoint_every": 2})
@@ -270,19 +278,6 @@ def test_workflow_finds_the_sidecars_of_the_cases_in_the_fold_table(tmp_path):
     with pytest.raises(Exception, match="case003"):
         train_fold("classify", "cnn3d", 0, tmp_path / "missing", classify_cfg(epochs=1), folds_tsv=folds_tsv,
                    crops_dir=tmp_path / "crops")
-
-
-def test_crops_index_changes_when_a_sidecar_does(tmp_path):
-    _, sidecars = make_cohort(tmp_path, n_cases=4)
-    first = hdata.write_sidecar_index(sidecars, tmp_path / "index.tsv")
-    assert list(first.columns) == ["case", "status", "sidecar", "sha256"] and list(first["status"]) == ["ok"] * 4
-    before = (tmp_path / "index.tsv").read_bytes()
-    sidecar = json.loads(Path(sidecars[1]).read_text())
-    write_json(sidecars[1], {**sidecar, "crop_box": [1, 2, 3]})
-    hdata.write_sidecar_index(sidecars, tmp_path / "index.tsv")
-    after = pd.read_csv(tmp_path / "index.tsv", sep="\t")
-    assert (tmp_path / "index.tsv").read_bytes() != before
-    assert list(after["sha256"] != first["sha256"]) == [False, True, False, False]
 
 
 # ---------------------------------------------------------------- segment
@@ -350,7 +345,7 @@ def test_segment_runs_through_the_same_trainer(tmp_path, model_name):
     test_predictions = pd.read_csv(out / "test_predictions.csv")  # segment: no test-set prediction (yet)
     assert test_predictions.empty and list(test_predictions.columns) == ["case", "slice", "prob_npz", "fold"]
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == HISTORY_COLUMNS["segment"] and list(history["epoch"]) == [1, 2]
+    assert list(history.columns) == list(get_task("segment").history_columns) and list(history["epoch"]) == [1, 2]
     predictions = pd.read_csv(out / "val_predictions.csv")
     assert list(predictions.columns) == ["case", "slice", "prob_npz", "fold"]
     assert sorted(predictions["slice"]) == list(range(6)) and set(predictions["case"]) == {"seg0"}

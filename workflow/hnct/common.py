@@ -252,3 +252,9 @@ def read_image(case: str, path: str | os.PathLike, what: str):
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise InputError(case, path, f"cannot read {what}: {str(err).strip().splitlines()[-1]}") from err
+
+
+def structure_values(labels: dict, structure: str) -> list[int]:
+    """Label values named ``structure`` (case-insensitive) in a sidecar's ``labels`` (value -> name):
+    the one structure-name lookup (training targets, slice positives, 3D evaluation)."""
+    return [int(value) for value, name in labels.items() if str(name).lower() == structure.lower()]

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from hnct.common import InputError, progress, read_sidecar
+from hnct.common import InputError, progress, read_image, read_sidecar, structure_values
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ def sidecars_in(directory: str | Path, cases: Sequence[str]) -> dict[str, Path]:
     return {str(case): Path(directory) / f"{case}.json" for case in cases}
 
 
+def given_or_found_sidecars(given, directory: str | Path | None, cases: Sequence[str]):
+    """The sidecars a caller gave (paths or ``{case: path}``), else those of ``cases`` in ``directory``
+    (what a training job does: it depends on the fold table, not on every sidecar)."""
+    if given is None and directory is not None:
+        return sidecars_in(directory, list(cases))
+    return given or []
+
+
 def fit_volume(volume: np.ndarray, shape: Sequence[int], fit: str) -> np.ndarray:
     """Bring a (z, y, x) float volume to ``shape``: ``resize`` (trilinear, whole crop, aspect not kept)
     or ``pad_crop`` (centred; pads with the volume's minimum, i.e. air after clipping)."""
@@ -83,10 +91,7 @@ def preprocess_crop(case: str, crop_path: str | Path, hu_clip: Sequence[float],
                     input_shape: Sequence[int], fit: str) -> np.ndarray:
     """(1, D, H, W) float32 network input of one crop: HU clipped to ``hu_clip``, z-scored over the
     volume (after clipping), fitted to ``input_shape``."""
-    try:
-        image = sitk.ReadImage(str(crop_path))
-    except RuntimeError as error:
-        raise InputError(case, str(crop_path), f"cannot read crop: {error}") from error
+    image = read_image(case, crop_path, "crop")
     hu = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
     if hu.ndim != 3:
         raise InputError(case, str(crop_path), f"crop is not a 3D image (shape {hu.shape})")
@@ -160,7 +165,7 @@ def unfit_slice(fitted: np.ndarray, shape: Sequence[int], fill: float = 0) -> np
 
 def structure_value(labels: dict[str, str], structure: str) -> int | None:
     """Label value of ``structure`` (case-insensitive) in ``labels`` (value -> name), None if absent."""
-    values = [int(v) for v, name in labels.items() if str(name).lower() == structure.lower()]
+    values = structure_values(labels, structure)
     return values[0] if values else None
 
 
@@ -218,6 +223,17 @@ def segment_augmentation():
     ])
 
 
+def seeded_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, epoch: int,
+                  sampler=None):
+    """A DataLoader whose shuffling and worker seeds depend only on (seed, epoch)."""
+    from monai.data import DataLoader
+
+    generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, generator=generator, drop_last=False,
+                      persistent_workers=False)
+
+
 class ItemDataset(torch.utils.data.Dataset):
     """Cached items with an optional (random) dictionary transform applied on access."""
 
@@ -236,49 +252,3 @@ class ItemDataset(torch.utils.data.Dataset):
         out = {k: torch.as_tensor(data[k]).as_subclass(torch.Tensor) for k in self.keys}
         out["index"] = index
         return out
-
-
-# ---------------------------------------------------------------- crops index (rule index_crops)
-def write_sidecar_index(sidecar_paths: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
-    """``case, status, sidecar, sha256`` of every sidecar: one file that changes when any of them does.
-
-    The workflow's classification training depends on it when the crops are not upstream of
-    folds.tsv (``slices.source: volume``), instead of on every crop sidecar per training job.
-    """
-    import hashlib
-
-    from hnct.common import atomic_path
-
-    rows = []
-    for path in progress(sorted(Path(p) for p in sidecar_paths), every=500, what="sidecars indexed"):
-        sidecar = read_sidecar(path)
-        rows.append({"case": sidecar.get("case", path.stem), "status": sidecar.get("status", ""),
-                     "sidecar": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    table = pd.DataFrame(rows, columns=["case", "status", "sidecar", "sha256"])
-    with atomic_path(out) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from hnct.common import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m hnct.data", description="index the crop sidecars")
-    sub = parser.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="case, status, sidecar, sha256 of every sidecar")
-    index.add_argument("--sidecars", nargs="*", default=[])
-    index.add_argument("--out", required=True)
-    index.add_argument("--log")
-    args = parser.parse_args(argv)
-    setup_logging(args.log)
-    table = write_sidecar_index(args.sidecars, args.out)
-    log.info("%d sidecars indexed in %s", len(table), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -11,11 +11,13 @@ and writes
   class never fails). NaN is written as JSON ``null``. See :mod:`hnct.metrics.classification`.
 * ``per_case.csv``: ``case, fold, label, probability, pred_at_0.5, pred_at_youden, squared_error``.
 
-segment: hands the remaining arguments to :func:`hnct.segeval.main` (per-case 3D masks, Dice,
-HD95, NSD), e.g. ``--predictions --fold-slices --out-metrics --out-per-case --masks-dir
---nsd-tolerance-mm --threshold --model --fold --log``.
+``python -m hnct.evaluate --task NAME ...`` hands the arguments to the task's ``evaluate_main``
+(hnct.tasks): classify is :func:`classify_main` here; segment is :func:`hnct.segeval.main`
+(per-case 3D masks, Dice, HD95, NSD; ``--predictions --fold-slices --out-metrics --out-per-case
+--masks-dir --nsd-tolerance-mm --threshold --model --fold --log``).
 
-``python -m hnct.evaluate ensemble`` (rule ``ensemble_test``, classify, per model): the held-out
+``python -m hnct.evaluate ensemble`` (rule ``ensemble_test``, per model of a task with a test
+ensemble, classify): the held-out
 test set (``fold == "test"`` in folds.tsv) predicted by every fold's best model
 (``results/train/classify/{model}/fold{k}/test_predictions.csv``). Writes
 
@@ -48,7 +50,10 @@ import numpy as np
 import pandas as pd
 
 from hnct.common import atomic_path, setup_logging, write_json
+from hnct.metrics import json_safe
 from hnct.metrics.classification import DEFAULT_THRESHOLD, check_inputs, evaluate_predictions
+from hnct.tasks import add_plugins_argument, get_task, load_plugins
+from hnct.tasks.classify import Classify
 
 log = logging.getLogger("hnct.evaluate")
 
@@ -89,19 +94,9 @@ def read_classify_predictions(path: str | Path, fold: int | None = None, allow_e
     return table.assign(label=table["label"].astype(int)).sort_values("case").reset_index(drop=True)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN -> None (strict JSON ``null``), recursively."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def evaluate_classify(predictions: str | Path, out_metrics: str | Path, out_per_case: str | Path,
-                      model: str, fold: int, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+                      model: str, fold: int, threshold: float = DEFAULT_THRESHOLD,
+                      task: str = Classify.name) -> dict[str, Any]:
     """Write ``metrics.json`` and ``per_case.csv`` of one classification fold; returns the metrics."""
     table = read_classify_predictions(predictions, fold)
     labels = table["label"].to_numpy(int)
@@ -109,7 +104,7 @@ def evaluate_classify(predictions: str | Path, out_metrics: str | Path, out_per_
     metrics = evaluate_predictions(labels, probability, default_threshold=threshold)
     if metrics["reason"]:
         log.warning("%s fold %s: %s", model, fold, metrics["reason"])
-    payload = {"task": "classify", "model": model, "fold": int(fold), "predictions": str(predictions), **metrics}
+    payload = {"task": task, "model": model, "fold": int(fold), "predictions": str(predictions), **metrics}
     youden = metrics["thresholds"]["youden"]
     per_case = pd.DataFrame({
         "case": table["case"],
@@ -122,9 +117,9 @@ def evaluate_classify(predictions: str | Path, out_metrics: str | Path, out_per_
     })
     with atomic_path(out_per_case, suffix=".csv") as tmp:
         per_case.to_csv(tmp, index=False, lineterminator="\n")
-    write_json(out_metrics, _json_safe(payload))
-    log.info("classify %s fold %s: %d cases (%d T4): AUC %.3f, PR-AUC %.3f, macro-F1@%g %.3f, Youden %.3f",
-             model, fold, metrics["n_cases"], metrics["n_positive"], metrics["auc"], metrics["pr_auc"],
+    write_json(out_metrics, json_safe(payload))
+    log.info("%s %s fold %s: %d cases (%d T4): AUC %.3f, PR-AUC %.3f, macro-F1@%g %.3f, Youden %.3f",
+             task, model, fold, metrics["n_cases"], metrics["n_positive"], metrics["auc"], metrics["pr_auc"],
              threshold, metrics[f"at_{threshold:g}"]["f1_macro"], youden)
     return payload
 
@@ -152,7 +147,8 @@ def choose_best_fold(val_metrics: list[dict[str, Any]]) -> int:
 
 
 def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Path], out_predictions: str | Path,
-                  out_metrics: str | Path, model: str, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+                  out_metrics: str | Path, model: str, threshold: float = DEFAULT_THRESHOLD,
+                  task: str = Classify.name) -> dict[str, Any]:
     """Average the fold models' test-set P(T4) per case; metrics of the ensemble and of every fold.
 
     ``test_predictions[i]`` and ``val_metrics[i]`` belong to the same fold (its number read from the
@@ -167,7 +163,7 @@ def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Pa
     folds = [int(m["fold"]) for m in folds_val]
     tables = [read_test_predictions(path, fold) for path, fold in zip(test_predictions, folds)]
     best_fold = choose_best_fold(folds_val)
-    base = {"task": "classify", "model": model, "setting": "test_ensemble", "folds": folds,
+    base = {"task": task, "model": model, "setting": "test_ensemble", "folds": folds,
             "best_fold_criterion": BEST_FOLD_CRITERION, "threshold": float(threshold),
             "test_predictions": [str(p) for p in test_predictions]}
     fold_probability = [f"prob_fold{k}" for k in folds]
@@ -175,12 +171,12 @@ def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Pa
     empty = [t.empty for t in tables]
     if all(empty):
         reason = "no test set: folds.tsv has no case with fold 'test' (folds.test: none, or none marked test)"
-        log.info("classify %s: %s; the ensemble has nothing to evaluate", model, reason)
+        log.info("%s %s: %s; the ensemble has nothing to evaluate", task, model, reason)
         with atomic_path(out_predictions, suffix=".csv") as tmp:
             pd.DataFrame(columns=columns).to_csv(tmp, index=False, lineterminator="\n")
         payload = {**base, "test_set": False, "n_cases": 0, "reason": reason, "best_fold": {"fold": best_fold},
                    "per_fold": []}
-        write_json(out_metrics, _json_safe(payload))
+        write_json(out_metrics, json_safe(payload))
         return payload
     if any(empty):
         raise PredictionsError(f"{model}: test predictions of fold(s) "
@@ -205,9 +201,9 @@ def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Pa
     with atomic_path(out_predictions, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     payload = {**base, "test_set": True, **metrics, "best_fold": best, "per_fold": per_fold}
-    write_json(out_metrics, _json_safe(payload))
-    log.info("classify %s test set: %d cases (%d T4); %d-fold ensemble AUC %.3f, macro-F1@%g %.3f; "
-             "single best fold %d (validation AUC %s): AUC %.3f, macro-F1@%g %.3f", model, metrics["n_cases"],
+    write_json(out_metrics, json_safe(payload))
+    log.info("%s %s test set: %d cases (%d T4); %d-fold ensemble AUC %.3f, macro-F1@%g %.3f; "
+             "single best fold %d (validation AUC %s): AUC %.3f, macro-F1@%g %.3f", task, model, metrics["n_cases"],
              metrics["n_positive"], len(tables), metrics["auc"], threshold,
              metrics[f"at_{threshold:g}"]["f1_macro"], best_fold, best["val_auc"], best["auc"], threshold,
              best[f"at_{threshold:g}"]["f1_macro"])
@@ -217,10 +213,11 @@ def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Pa
 def ensemble_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m hnct.evaluate ensemble",
                                      description="test-set ensemble of the fold models (classify)")
+    parser.add_argument("--task", default=Classify.name, help="a task with a test ensemble (default classify)")
     parser.add_argument("--test-predictions", nargs="+", required=True,
-                        help="results/train/classify/{model}/fold{k}/test_predictions.csv, in fold order")
+                        help="results/train/{task}/{model}/fold{k}/test_predictions.csv, in fold order")
     parser.add_argument("--val-metrics", nargs="+", required=True,
-                        help="results/evaluate/classify/{model}/fold{k}/metrics.json, same order")
+                        help="results/evaluate/{task}/{model}/fold{k}/metrics.json, same order")
     parser.add_argument("--out-predictions", required=True)
     parser.add_argument("--out-metrics", required=True)
     parser.add_argument("--model", required=True)
@@ -230,28 +227,17 @@ def ensemble_main(argv: list[str]) -> int:
     setup_logging(args.log)
     try:
         ensemble_test(args.test_predictions, args.val_metrics, args.out_predictions, args.out_metrics,
-                      args.model, threshold=args.threshold)
+                      args.model, threshold=args.threshold, task=args.task)
     except PredictionsError as err:
         log.error("%s", err)
         return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ensemble"]:
-        return ensemble_main(argv[1:])
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--task", choices=["classify", "segment"])
-    known, rest = first.parse_known_args(argv)
-    if known.task == "segment":
-        # Segmentation metrics live in hnct.segeval; import lazily so classify never needs it.
-        from hnct.segeval import main as seg_main
-
-        return int(seg_main(rest) or 0)
-
+def classify_main(argv: list[str]) -> int:
+    """``--task classify`` (the classify task's ``evaluate_main``): metrics of one fold's predictions."""
     parser = argparse.ArgumentParser(prog="hnct evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, choices=["classify", "segment"])
+    parser.add_argument("--task", default=Classify.name)
     parser.add_argument("--predictions", required=True, help="val_predictions.csv (case, label, probability, fold)")
     parser.add_argument("--out-metrics", required=True, help="metrics.json")
     parser.add_argument("--out-per-case", required=True, help="per_case.csv")
@@ -263,11 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     try:
         evaluate_classify(args.predictions, args.out_metrics, args.out_per_case, args.model, args.fold,
-                          threshold=args.threshold)
+                          threshold=args.threshold, task=args.task)
     except PredictionsError as err:
         log.error("%s", err)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ensemble ...`` or ``--task NAME ...``: the task's evaluation (hnct.tasks ``evaluate_main``)
+    gets every argument but ``--plugins``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ensemble"]:
+        return ensemble_main(argv[1:])
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", required=True, help="a registered task (hnct.tasks)")
+    add_plugins_argument(first)
+    known, rest = first.parse_known_args(argv)
+    load_plugins(known.plugins)
+    return int(get_task(known.task).evaluate_main(["--task", known.task, *rest]) or 0)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from hnct.cohort import CohortError, read_cohort, write_cohort
 from hnct.common import atomic_path, is_ok, progress, read_sidecar, setup_logging
+from hnct.tasks import add_plugins_argument, load_plugins
 
 log = logging.getLogger("hnct.folds")
 
-TASKS = ("classify", "segment")
 TEST_MODES = ("none", "column", "fraction")
 # Seeded StratifiedGroupKFold shuffles tried; the most balanced one is kept (see module doc).
 N_SHUFFLES = 32
@@ -80,7 +80,7 @@ def _excluded_upstream(case: str, sidecar: dict) -> dict:
     }
 
 
-def _structure_column(index: pd.DataFrame, structure: str) -> str | None:
+def structure_column(index: pd.DataFrame, structure: str) -> str | None:
     wanted = f"n_{structure}".lower()
     matches = [c for c in index.columns if c.lower() == wanted]
     return matches[0] if matches else None
@@ -95,50 +95,33 @@ def task_labels(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Usable cases with their task label (``case, patient, collection, label, split``) and the excluded ones.
 
-    Every cohort case needs a sidecar; a case whose sidecar is ``excluded`` keeps its upstream
-    stage, file and reason. classify: ``label_t4`` 1/0, empty = excluded ("no T-stage label").
-    segment: 1 when any slice of the case's index TSV has a voxel of ``structure``; a case
-    without a label map is excluded (a missing structure in a label map means node-negative).
+    Every cohort case needs a sidecar (the stage the task reads: its registry entry's
+    ``fold_sidecars``); a case whose sidecar is ``excluded`` keeps its upstream stage, file and
+    reason. The label and the task's own exclusions come from the task's ``case_label`` (classify:
+    ``label_t4``; segment: any voxel of ``structure`` in the case's slice index).
     """
-    if task not in TASKS:
-        raise FoldError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+    from hnct.tasks import get_task
+
+    try:
+        spec = get_task(task)
+    except ValueError as error:
+        raise FoldError(str(error)) from None
+    options = {"structure": structure}
     sidecars = _read_sidecars(sidecar_paths)
     missing = sorted(set(cohort["case"]) - set(sidecars))
     if missing:
         raise FoldError(f"task {task}: no per-case sidecar for {len(missing)} cohort case(s): {missing[:5]}")
     rows, excluded = [], []
-    stage = f"folds:{task}"
     for case in progress(sorted(cohort["case"]), every=200, what=f"{task} labels"):
         row = cohort.loc[case]
         path, sidecar = sidecars[case]
         if not is_ok(sidecar):
             excluded.append(_excluded_upstream(case, sidecar))
             continue
-        if task == "classify":
-            text = str(row.get("label_t4", "")).strip()
-            if text == "":
-                excluded.append({"case": case, "stage": stage, "file": cohort_file, "reason": "no T-stage label"})
-                continue
-            try:
-                value = float(text)
-            except ValueError:
-                value = float("nan")
-            if value not in (0.0, 1.0):
-                raise CohortError(f"{cohort_file}: case {case}: label_t4 must be 1, 0 or empty, not {text!r}")
-            label = int(value)
-        else:
-            if not sidecar.get("labels"):
-                excluded.append({"case": case, "stage": stage, "file": str(path),
-                                 "reason": "no label map: segmentation needs labelled structures"})
-                continue
-            index_path = Path(sidecar.get("index", ""))
-            if not index_path.is_file():
-                excluded.append({"case": case, "stage": stage, "file": str(index_path),
-                                 "reason": "slice index TSV named in the slices sidecar is missing"})
-                continue
-            index = pd.read_csv(index_path, sep="\t")
-            column = _structure_column(index, structure)
-            label = int(column is not None and (index[column] > 0).any())
+        label, exclusion = spec.case_label(case, row, path, sidecar, cohort_file, options)
+        if exclusion is not None:
+            excluded.append(exclusion)
+            continue
         rows.append({"case": case, "patient": row["patient"], "collection": row["collection"],
                      "label": label, "split": str(row.get("split", ""))})
     labelled = pd.DataFrame(rows, columns=["case", "patient", "collection", "label", "split"])
@@ -215,7 +198,10 @@ def assign_folds(table: pd.DataFrame, n_folds: int, seed: int, task: str = "task
     supported = supported_folds(table)
     n_pos_patients = int((_patient_labels(table) == 1).sum())
     n_neg_patients = int(table["patient"].nunique() - n_pos_patients)
-    what = "T4" if task == "classify" else "node-positive"
+    from hnct.tasks import TASKS
+
+    # what a positive case is called in messages: T4 (classify), node-positive (segment)
+    what = TASKS[task].positive_label if task in TASKS else "positive"
     if supported < n_folds:
         lacking = "positive" if n_pos_patients < n_neg_patients else "negative"
         raise FoldError(
@@ -388,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     split = sub.add_parser("split", help="folds.tsv, splits_final.json, excluded.tsv of one task")
-    split.add_argument("--task", required=True, choices=TASKS)
+    split.add_argument("--task", required=True, help="a registered task (hnct.tasks)")
     split.add_argument("--cohort", required=True, help="cohort table TSV (results/cohort.tsv)")
     split.add_argument("--sidecars", nargs="+", required=True, help="per-case sidecars of the slices stage")
     split.add_argument("--out-dir", default=".", help="folder of the three files (default names)")
@@ -399,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     split.add_argument("--seed", type=int, default=42)
     split.add_argument("--test", choices=TEST_MODES, default="none")
     split.add_argument("--test-fraction", type=float, default=0.2)
-    split.add_argument("--structure", default="GTVn", help="segment: structure that makes a case node-positive")
+    split.add_argument("--structure", default="GTVn",
+                       help="segment: structure that makes a case node-positive (train.segment.structure)")
+    add_plugins_argument(split)
 
     slices = sub.add_parser("slices", help="segment: fold{k}_slices.tsv from folds.tsv and the slice indexes")
     slices.add_argument("--folds", required=True, help="results/folds/segment/folds.tsv")
@@ -416,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     try:
         if args.command == "split":
+            load_plugins(args.plugins)
             split_folds(args.cohort, args.sidecars, args.out_dir, args.task, n_folds=args.n_folds,
                         seed=args.seed, test=args.test, test_fraction=args.test_fraction,
                         structure=args.structure, out_folds=args.out_folds, out_splits=args.out_splits,

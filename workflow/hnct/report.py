@@ -38,7 +38,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from hnct.common import atomic_path, read_json, setup_logging
+from hnct.common import atomic_path, read_image, read_json, setup_logging
+from hnct.tasks import add_plugins_argument, get_task, load_plugins
 
 log = logging.getLogger("hnct.report")
 
@@ -59,6 +60,14 @@ SEGMENT_COLUMNS = {
     "nsd": "NSD",
     "snet_slice_dice": "slice Dice (S-Net)",
 }
+# A task's report_kind (hnct.tasks) picks its columns, its pooled CIs and its figures.
+KIND_COLUMNS = {"classification": CLASSIFY_COLUMNS, "segmentation": SEGMENT_COLUMNS}
+CLASSIFICATION = "classification"
+METRIC_TITLES = {"val_auc": "AUC", "val_dice": "Dice"}
+
+
+def report_kind(task: str) -> str:
+    return get_task(task).report_kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +122,9 @@ def summary_table(by_fold: pd.DataFrame, pooled: dict[tuple[str, str], pd.DataFr
     """Mean ± SD across folds per task × model × headline metric, plus pooled bootstrap CIs."""
     rows = []
     for (task, model), group in by_fold.groupby(["task", "model"], sort=True):
-        wanted = CLASSIFY_COLUMNS if task == "classify" else SEGMENT_COLUMNS
+        wanted = KIND_COLUMNS[report_kind(task)]
         cis = {}
-        if task == "classify" and pooled and (task, model) in pooled:
+        if report_kind(task) == CLASSIFICATION and pooled and (task, model) in pooled:
             cis = bootstrap_ci(pooled[(task, model)], n_bootstrap=n_bootstrap, seed=seed)
         for metric in wanted:
             key = headline_key(group.columns, metric)
@@ -211,7 +220,7 @@ def format_cell(row: pd.Series, digits: int = 3) -> str:
 
 
 def paper_table(summary: pd.DataFrame, task: str) -> pd.DataFrame:
-    names = CLASSIFY_COLUMNS if task == "classify" else SEGMENT_COLUMNS
+    names = KIND_COLUMNS[report_kind(task)]
     part = summary[summary["task"] == task]
     if part.empty:
         return pd.DataFrame()
@@ -259,9 +268,11 @@ def comparison_with_published(summary: pd.DataFrame, published_tsv: str | Path,
     when either side has a number.
     """
     published = pd.read_csv(published_tsv, sep="\t", comment="#")
-    ours = summary[summary["task"] == "classify"]
+    classification = [t for t in set(summary["task"]) | set(tests["task"] if tests is not None else [])
+                      if report_kind(t) == CLASSIFICATION]
+    ours = summary[summary["task"].isin(classification)]
     tests = tests if tests is not None else pd.DataFrame(columns=TEST_COLUMNS)
-    tests = tests[tests["task"] == "classify"]
+    tests = tests[tests["task"].isin(classification)]
     models = sorted(set(published["model"]) | set(ours["model"]) | set(tests["model"]))
     rows = []
     for model in models:
@@ -373,7 +384,7 @@ def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: 
     out.update({key: Path(path) for key, path in (outputs or {}).items()})
     by_fold = metrics_by_fold(metric_files)
     pooled = {key: read_predictions(files) for key, files in group_prediction_files(prediction_files).items()
-              if key[0] == "classify"}
+              if report_kind(key[0]) == CLASSIFICATION}
     summary = summary_table(by_fold, pooled, n_bootstrap=n_bootstrap, seed=seed)
     tests = test_table(test_metric_files or [], n_bootstrap=n_bootstrap, seed=seed)
     if test_metric_files and tests.empty:
@@ -382,16 +393,17 @@ def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: 
     _write_csv(summary, out["summary"])
     _write_csv(tests, out["test"])
     md, tex = [], []
-    for task, title in (("classify", "T4 vs non-T4 classification (validation folds)"),
-                        ("segment", "Slice segmentation, per-case 3D metrics (validation folds)")):
+    for task in sorted(set(summary["task"]) | set(tests["task"])):
+        title = f"{get_task(task).report_title} (validation folds)"
         table = paper_table(summary, task)
         if not table.empty:
             md.append(f"### {title}\n\nmean ± SD across folds [95 % bootstrap CI, pooled out-of-fold]\n\n"
                       + markdown(table))
             tex.append(latex(table, title))
-        if task == "classify" and not tests.empty:  # the test set beside the classification CV table
-            title = "T4 vs non-T4 classification (held-out test set)"
-            table = test_paper_table(tests)
+        task_tests = tests[tests["task"] == task]
+        if not task_tests.empty:  # the test set beside the task's CV table
+            title = f"{get_task(task).report_title} (held-out test set)"
+            table = test_paper_table(task_tests)
             md.append(f"### {title}\n\nthreshold 0.5 [95 % bootstrap CI over test cases]; best fold: highest "
                       "validation AUC\n\n" + markdown(table))
             tex.append(latex(table, title))
@@ -450,12 +462,13 @@ def plot_roc_pr(prediction_files: list[str], png: str | Path, style: dict) -> No
     from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve, average_precision_score
 
     plt = _pyplot(style)
-    grouped = {k: v for k, v in group_prediction_files(prediction_files).items() if k[0] == "classify"}
-    models = sorted(m for _, m in grouped)
-    fig, axes = plt.subplots(2, max(1, len(models)), figsize=(3.2 * max(1, len(models)), 6.4), squeeze=False)
-    for col, model in enumerate(models):
+    grouped = group_prediction_files(prediction_files)
+    keys = sorted(grouped)
+    fig, axes = plt.subplots(2, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 6.4), squeeze=False)
+    for col, key in enumerate(keys):
+        model = key[1]
         roc_ax, pr_ax = axes[0, col], axes[1, col]
-        folds = sorted(grouped[("classify", model)])
+        folds = sorted(grouped[key])
         pooled = read_predictions(folds)
         for f in folds:
             frame = pd.read_csv(f)
@@ -486,11 +499,12 @@ def plot_roc_pr(prediction_files: list[str], png: str | Path, style: dict) -> No
 
 def plot_confusion(prediction_files: list[str], png: str | Path, style: dict, threshold: float = 0.5) -> None:
     plt = _pyplot(style)
-    grouped = {k: v for k, v in group_prediction_files(prediction_files).items() if k[0] == "classify"}
-    models = sorted(m for _, m in grouped)
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(2.8 * max(1, len(models)), 2.8), squeeze=False)
-    for col, model in enumerate(models):
-        pooled = read_predictions(grouped[("classify", model)])
+    grouped = group_prediction_files(prediction_files)
+    keys = sorted(grouped)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(2.8 * max(1, len(keys)), 2.8), squeeze=False)
+    for col, key in enumerate(keys):
+        model = key[1]
+        pooled = read_predictions(grouped[key])
         truth = pooled["label"].to_numpy(int)
         pred = (pooled["probability"].to_numpy(float) >= threshold).astype(int)
         matrix = np.array([[np.sum((truth == t) & (pred == p)) for p in (0, 1)] for t in (0, 1)])
@@ -510,11 +524,12 @@ def plot_confusion(prediction_files: list[str], png: str | Path, style: dict, th
 
 def plot_calibration(prediction_files: list[str], png: str | Path, style: dict, bins: int = 10) -> None:
     plt = _pyplot(style)
-    grouped = {k: v for k, v in group_prediction_files(prediction_files).items() if k[0] == "classify"}
+    grouped = group_prediction_files(prediction_files)
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     edges = np.linspace(0, 1, bins + 1)
-    for i, (_, model) in enumerate(sorted(grouped)):
-        pooled = read_predictions(grouped[("classify", model)])
+    for i, key in enumerate(sorted(grouped)):
+        model = key[1]
+        pooled = read_predictions(grouped[key])
         prob = pooled["probability"].to_numpy(float)
         truth = pooled["label"].to_numpy(float)
         which = np.clip(np.digitize(prob, edges) - 1, 0, bins - 1)
@@ -550,11 +565,12 @@ def plot_training_curves(history_files: list[str], png: str | Path, style: dict)
             line, = loss_ax.plot(history["epoch"], history["train_loss"], lw=1, label=f"{fold} train")
             if "val_loss" in history:
                 loss_ax.plot(history["epoch"], history["val_loss"], lw=1, ls="--", color=line.get_color())
-            metric = "val_auc" if task == "classify" and "val_auc" in history else "val_dice" if "val_dice" in history else None
-            if metric:
+            metric = get_task(task).metric_name
+            if metric in history:
                 metric_ax.plot(history["epoch"], history[metric], lw=1, color=line.get_color(), label=fold)
         loss_ax.set(title=f"{task}/{model}: loss (dashed: val)", xlabel="epoch", ylabel="loss")
-        metric_ax.set(title="validation " + ("AUC" if task == "classify" else "Dice"), xlabel="epoch", ylim=(0, 1.02))
+        metric = get_task(task).metric_name
+        metric_ax.set(title="validation " + METRIC_TITLES.get(metric, metric), xlabel="epoch", ylim=(0, 1.02))
         metric_ax.legend(fontsize="x-small")
     fig.tight_layout()
     save_figure(fig, png)
@@ -627,8 +643,10 @@ def plot_crop_qa(crop_sidecars: list[str], png: str | Path, style: dict, max_cas
         sidecar = read_json(path)
         if sidecar.get("status") != "ok":
             continue
-        image = sitk.GetArrayFromImage(sitk.ReadImage(sidecar["volume"]))
-        label = sitk.GetArrayFromImage(sitk.ReadImage(sidecar["label"])) if sidecar.get("label") else None
+        case = str(sidecar["case"])
+        image = sitk.GetArrayFromImage(read_image(case, sidecar["volume"], "crop"))
+        label = (sitk.GetArrayFromImage(read_image(case, sidecar["label"], "crop label map"))
+                 if sidecar.get("label") else None)
         mid = image.shape[0] // 2
         tiles.append((sidecar["case"], image[mid], None if label is None else label[mid]))
     n = max(1, len(tiles))
@@ -662,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     tables.add_argument("--metrics", nargs="*", default=[])
     tables.add_argument("--predictions", nargs="*", default=[])
     tables.add_argument("--test-metrics", nargs="*", default=[],
-                        help="results/evaluate/classify/{model}/test_ensemble/metrics.json")
+                        help="results/evaluate/{task}/{model}/test_ensemble/metrics.json")
+    add_plugins_argument(tables)
     tables.add_argument("--published", required=True)
     tables.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<table> is given")
     for key in TABLE_FILES:
@@ -671,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     tables.add_argument("--seed", type=int, default=7)
 
     figures = sub.add_parser("figures", help="ROC/PR, confusion, calibration, training curves, seg box plots")
-    figures.add_argument("--predictions", nargs="*", default=[])
+    figures.add_argument("--predictions", nargs="*", default=[],
+                         help="validation predictions of the classification tasks")
+    add_plugins_argument(figures)
     figures.add_argument("--histories", nargs="*", default=[])
     figures.add_argument("--per-case", nargs="*", default=[])
     figures.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<figure> is given")
@@ -697,16 +718,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log)
     style = {"dpi": getattr(args, "dpi", 110), "font_size": getattr(args, "font_size", 10)}
+    load_plugins(getattr(args, "plugins", []))
     if args.command == "tables":
         outputs = {key: getattr(args, f"out_{key}") for key in TABLE_FILES if getattr(args, f"out_{key}")}
         write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed, outputs,
                      test_metric_files=args.test_metrics)
     elif args.command == "figures":
         out = {key: getattr(args, f"out_{key}") or Path(args.out_dir) / name for key, name in FIGURE_FILES.items()}
-        classify_predictions = [p for p in args.predictions if Path(p).parts[-4] == "classify"]
-        plot_roc_pr(classify_predictions, out["roc_pr"], style)
-        plot_confusion(classify_predictions, out["confusion"], style)
-        plot_calibration(classify_predictions, out["calibration"], style)
+        plot_roc_pr(args.predictions, out["roc_pr"], style)
+        plot_confusion(args.predictions, out["confusion"], style)
+        plot_calibration(args.predictions, out["calibration"], style)
         plot_training_curves(args.histories, out["training"], style)
         plot_segmentation_boxes(args.per_case, out["segmentation"], style)
     elif args.command == "cohort":

@@ -5,7 +5,7 @@ fold``) this reads ``val_probs/{case}.npz`` (``prob`` float16 (z, y, x) foregrou
 for the case's slices in slice order, ``slice`` int array of slice indices k), thresholds it
 (``prob >= threshold``), and places slice k at index k of the source image of the slices
 (the crop NRRD, or the volume, named ``source_volume`` in the slices sidecar
-``results/slices/{case}.json`` beside the slice folder). The truth is the source label map
+``{slices_dir}/{case}.json``; ``--slices-dir``, the folder the task's registry entry names). The truth is the source label map
 (``source_label``) restricted to the segmented structure (the sidecar's ``structure``, or
 ``--structure``; label values from the sidecar's ``labels``).
 
@@ -19,8 +19,8 @@ Outputs:
   per-slice Dice pooled over all slices of the fold (both ways), lesion-wise totals, and the cases
   that could not be scored (with the file and reason).
 
-CLI: ``python -m hnct.segeval --predictions ... --fold-slices ... --out-metrics ... --out-per-case
-... --masks-dir ... --model M --fold K --nsd-tolerance-mm 2 --threshold 0.5``
+CLI: ``python -m hnct.segeval --predictions ... --fold-slices ... --slices-dir results/slices
+--out-metrics ... --out-per-case ... --masks-dir ... --model M --fold K --nsd-tolerance-mm 2 --threshold 0.5``
 (``python -m hnct.evaluate --task segment ...`` forwards here).
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,12 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from hnct.common import InputError, atomic_path, progress, read_json, setup_logging, software_versions, write_json
+from hnct.common import (InputError, atomic_path, progress, read_image, read_json, setup_logging,
+                         software_versions, write_json)
+from hnct.common import structure_values as common_structure_values
+from hnct.metrics import json_safe
 from hnct.metrics import segmentation as segm
+from hnct.tasks.segment import Segment
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +52,25 @@ PER_CASE_COLUMNS = [
 ]
 
 
-def slices_sidecar_path(npz_path: str | Path, case: str) -> Path:
-    """``results/slices/{case}.json`` for a slice NPZ ``results/slices/{case}/{case}_{k:04d}.npz``."""
-    return Path(npz_path).parent.parent / f"{case}.json"
-
-
-def _read_image(case: str, path: str | Path, what: str) -> sitk.Image:
-    if not path or not Path(path).exists():
-        raise InputError(case, path, f"{what} not found")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise InputError(case, path, f"cannot read {what}: {err}") from err
-
-
 def structure_values(case: str, sidecar_file: Path, labels: dict[str, str], structure: str) -> list[int]:
     """Label values whose name is ``structure`` (case-insensitive) in the sidecar's ``labels``."""
-    values = [int(v) for v, name in labels.items() if str(name).lower() == structure.lower()]
-    if not values and not labels:
+    if not labels:
         raise InputError(case, sidecar_file, "slices sidecar lists no labels")
-    return values
+    return common_structure_values(labels, structure)
 
 
-def load_case(case: str, prob_npz: str | Path, npz_example: str | Path, threshold: float,
+def _source_image(case: str, sidecar_file: Path, sidecar: dict[str, Any], key: str, what: str) -> sitk.Image:
+    """The image the slices sidecar names under ``key`` (read by hnct.common.read_image)."""
+    if not sidecar.get(key):
+        raise InputError(case, sidecar_file, f"slices sidecar names no {what} ({key})")
+    return read_image(case, sidecar[key], what)
+
+
+def load_case(case: str, prob_npz: str | Path, sidecar_file: str | Path, threshold: float,
               structure: str | None = None) -> dict[str, Any]:
-    """Predicted and true masks of one case as (z, y, x) bool arrays, and the source image geometry."""
-    sidecar_file = slices_sidecar_path(npz_example, case)
+    """Predicted and true masks of one case as (z, y, x) bool arrays, and the source image geometry;
+    ``sidecar_file``: the case's slices sidecar."""
+    sidecar_file = Path(sidecar_file)
     if not sidecar_file.exists():
         raise InputError(case, sidecar_file, "slices sidecar not found")
     sidecar = read_json(sidecar_file)
@@ -83,12 +79,12 @@ def load_case(case: str, prob_npz: str | Path, npz_example: str | Path, threshol
     structure = structure or sidecar.get("structure")
     if not structure:
         raise InputError(case, sidecar_file, "no segmentation structure in the sidecar and none given")
-    image = _read_image(case, sidecar.get("source_volume"), "source volume")
+    image = _source_image(case, sidecar_file, sidecar, "source_volume", "source volume")
     size_zyx = tuple(reversed(image.GetSize()))
     labels = sidecar.get("labels") or {}
     values = structure_values(case, sidecar_file, labels, structure)
     if sidecar.get("source_label"):
-        label_image = _read_image(case, sidecar["source_label"], "source label map")
+        label_image = _source_image(case, sidecar_file, sidecar, "source_label", "source label map")
         if (label_image.GetSize() != image.GetSize()
                 or not np.allclose(label_image.GetOrigin(), image.GetOrigin(), atol=1e-3)
                 or not np.allclose(label_image.GetSpacing(), image.GetSpacing(), atol=1e-6)):
@@ -137,16 +133,10 @@ def write_mask(pred: np.ndarray, reference: sitk.Image, path: str | Path) -> Pat
     return Path(path)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metrics: str | Path,
                      out_per_case: str | Path, masks_dir: str | Path, model: str, fold: int,
-                     nsd_tolerance_mm: float = 2.0, threshold: float = 0.5,
-                     structure: str | None = None) -> dict[str, Any]:
+                     slices_dir: str | Path, nsd_tolerance_mm: float = 2.0, threshold: float = 0.5,
+                     structure: str | None = None, task: str = Segment.name) -> dict[str, Any]:
     """Score every validation case of one fold; write masks, per_case.csv and metrics.json."""
     pred_table = pd.read_csv(predictions)
     missing = {"case", "slice", "prob_npz"} - set(pred_table.columns)
@@ -172,7 +162,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
             prob_files = pred_table.loc[pred_table["case"].astype(str) == case, "prob_npz"].unique()
             if len(prob_files) != 1:
                 raise InputError(case, predictions, f"expected one prob_npz per case, got {len(prob_files)}")
-            loaded = load_case(case, prob_files[0], case_rows["npz"].iloc[0], threshold, structure)
+            loaded = load_case(case, prob_files[0], Path(slices_dir) / f"{case}.json", threshold, structure)
         except InputError as err:
             log.error("%s", err)
             excluded.append({"case": case, "file": str(err.file), "reason": err.reason})
@@ -198,7 +188,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
     all_slices = np.concatenate(pooled_slice_dice) if pooled_slice_dice else np.zeros(0)
     labelled = np.concatenate(pooled_labelled) if pooled_labelled else np.zeros(0)
     payload = {
-        "task": "segment",
+        "task": task,
         "model": model,
         "fold": int(fold),
         "structure": sorted(structures)[0] if len(structures) == 1 else sorted(structures),
@@ -218,7 +208,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
         "fold_slices": str(fold_slices),
         "versions": software_versions(),
     }
-    write_json(out_metrics, {k: _clean(v) for k, v in payload.items()})
+    write_json(out_metrics, json_safe(payload))
     log.info("segment %s fold %s: %d cases, mean Dice %s (n=%s), %d both empty, %d excluded", model, fold,
              len(rows), summary["dice"]["mean"], summary["dice"]["n"], summary["n_both_empty"], len(excluded))
     return payload
@@ -226,11 +216,13 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnct segeval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default=Segment.name, help="the segmentation task (default segment)")
     parser.add_argument("--predictions", required=True, help="val_predictions.csv (case, slice, prob_npz, fold)")
     parser.add_argument("--fold-slices", required=True, help="results/folds/segment/fold{k}_slices.tsv")
     parser.add_argument("--out-metrics", required=True, help="metrics.json")
     parser.add_argument("--out-per-case", required=True, help="per_case.csv")
     parser.add_argument("--masks-dir", required=True, help="folder for masks/{case}.nrrd")
+    parser.add_argument("--slices-dir", required=True, help="folder of the slices sidecars {case}.json")
     parser.add_argument("--model", required=True)
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, help="surface Dice tolerance, mm")
@@ -241,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     try:
         evaluate_segment(args.predictions, args.fold_slices, args.out_metrics, args.out_per_case, args.masks_dir,
-                         args.model, args.fold, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
-                         structure=args.structure)
+                         args.model, args.fold, args.slices_dir, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
+                         structure=args.structure, task=args.task)
     except InputError as err:
         log.error("%s", err)
         return 1

@@ -37,7 +37,8 @@ import pandas as pd
 import SimpleITK as sitk
 from PIL import Image
 
-from hnct.common import InputError, atomic_path, progress, read_image, read_sidecar, run_case_stage, setup_logging
+from hnct.common import (InputError, atomic_path, progress, read_image, read_sidecar, run_case_stage,
+                         setup_logging, structure_values)
 
 log = logging.getLogger("hnct.slices")
 
@@ -167,7 +168,7 @@ def export_slices(
         image_hu = window_hu(hu, window_level, window_width)
         grey = window_uint8(hu, window_level, window_width) if (jpg or overlay) else None
         counts = {value: (mask == value).sum(axis=(1, 2)) for value in sorted(labels)}
-        seg_values = [v for v, name in labels.items() if name.lower() == structure.lower()]
+        seg_values = structure_values(labels, structure)
         if not seg_values:
             log.warning("case %s: segmentation structure %s is not in the label map (%s): no positive slice",
                         case, structure, ", ".join(labels.values()) or "no labels")

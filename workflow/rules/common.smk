@@ -2,7 +2,6 @@
 # input functions, code versions, one wildcard_constraints block.
 
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -17,11 +16,29 @@ sys.path.insert(0, str(HNCT_DIR))
 
 import hnct.cohort  # noqa: E402
 import hnct.common  # noqa: E402
+import hnct.models  # noqa: E402
+import hnct.tasks  # noqa: E402
 
 hnct.common.prepare_job_environment(HNCT_DIR)
 
 
 validate(config, schema="../../config/schema.yaml", set_default=True)
+
+# Tasks and models come from the registries (hnct/tasks/, hnct/models/) and the plugin modules.
+PLUGINS = list(config["plugins"])
+hnct.tasks.load_plugins(PLUGINS)
+# What every registry-driven command gets (in params: a changed plugin list reruns them).
+PLUGINS_ARG = " ".join(["--plugins", *PLUGINS]) if PLUGINS else ""
+TASKS = list(config["tasks"])
+TASK = {task: hnct.tasks.get_task(task) for task in TASKS}
+for _task in TASKS:
+    config["train"][_task] = hnct.tasks.train_section(
+        _task, config["train"].get(_task, {})
+    )
+    for _model in config["models"].get(_task, []):
+        hnct.models.get_model(
+            _model, _task
+        )  # an unknown name: an error naming the registered ones
 
 SOURCE = config["cohort"]["source"]
 if SOURCE == "demo":
@@ -38,7 +55,6 @@ else:
     COHORT = hnct.cohort.read_cohort(config["cohort"]["table"])
 
 CASES = list(COHORT["case"])
-TASKS = list(config["tasks"])
 N_FOLDS = int(config["folds"]["n_folds"])
 FOLDS = list(range(N_FOLDS))
 
@@ -46,25 +62,33 @@ FOLDS = list(range(N_FOLDS))
 wildcard_constraints:
     case="|".join(CASES) if CASES else "NO_CASES",
     fold=r"\d+",
-    task="classify|segment",
-    model="[a-z0-9]+",
+    task="|".join(TASKS) if TASKS else "NO_TASKS",
+    model="[a-z][a-z0-9_]*",
 
 
 def code_version(*modules):
     """A hash of the hnct modules a job runs; in ``params`` it makes a code change rerun the job.
 
-    Snakemake tracks params, inputs and script files itself, not the modules a shell
-    command imports; this brings the stage's own code (and hnct.common) into its params.
+    Snakemake tracks params, inputs and script files itself, not the modules a shell command
+    imports; this brings the stage's own code (and hnct.common) into its params. It is
+    hnct.tasks.code_hash, the trainer's checkpoint fingerprint too.
     """
-    digest = hashlib.sha256()
-    for module in ("common",) + modules:
-        parts = module.split(".")
-        path = HNCT_DIR.joinpath("hnct", *parts[:-1], parts[-1] + ".py")
-        if not path.exists():
-            path = HNCT_DIR.joinpath("hnct", *parts, "__init__.py")
-        digest.update(module.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return hnct.tasks.code_hash(modules)[:16]
+
+
+def tasks_where(attribute):
+    """The configured tasks whose registry entry has ``attribute`` set, as a wildcard pattern."""
+    names = [task for task in TASKS if getattr(TASK[task], attribute)]
+    return "|".join(names) if names else "NO_TASKS"
+
+
+def cli_options(options):
+    """``--name value`` pairs (each value shell-quoted) from a task's option dict."""
+    import shlex
+
+    return " ".join(
+        f"--{name} {shlex.quote(str(value))}" for name, value in options.items()
+    )
 
 
 def case_row(wildcards):
@@ -102,12 +126,24 @@ def get_upstream_fetch(wildcards):
 
 
 def models_for(task):
-    return list(config["models"][task])
+    return list(config["models"].get(task, []))
+
+
+# The per-case sidecars the configured tasks read (classify: crops, segment: slices): the stages
+# the workflow runs for every case, and what the exclusions table collects. A cohort without a
+# slice-based task exports no slices.
+CASE_SIDECARS = sorted({TASK[task].fold_sidecars for task in TASKS}) or [
+    "results/slices/{case}.json"
+]
+
+
+def get_case_sidecars(wildcards=None):
+    return [f for pattern in CASE_SIDECARS for f in expand(pattern, case=CASES)]
 
 
 def get_final_output():
     outputs = ["results/exclusions.tsv"]
-    outputs += expand("results/slices/{case}.json", case=CASES)
+    outputs += get_case_sidecars()
     for task in TASKS:
         outputs.append(f"results/folds/{task}/folds.tsv")
         outputs += expand(
@@ -116,8 +152,7 @@ def get_final_output():
             model=models_for(task),
             fold=FOLDS,
         )
-    if "classify" in TASKS:
-        outputs += report_test_metric_files(None)
+    outputs += report_test_metric_files(None)
     outputs += get_report_outputs()
     return outputs
 
@@ -130,21 +165,32 @@ PUBLISHED_NUMBERS = str(
 )
 
 
-def report_metric_files(wildcards):
+def tasks_of_kind(kind):
+    return [task for task in TASKS if TASK[task].report_kind == kind]
+
+
+def report_files(pattern, tasks=None):
+    """``pattern`` (with {task}, {model}, {fold}) for every configured task, model and fold."""
     return [
-        f"results/evaluate/{task}/{model}/fold{fold}/metrics.json"
-        for task in TASKS
+        pattern.format(task=task, model=model, fold=fold)
+        for task in (TASKS if tasks is None else tasks)
         for model in models_for(task)
         for fold in FOLDS
     ]
 
 
+def report_metric_files(wildcards):
+    return report_files("results/evaluate/{task}/{model}/fold{fold}/metrics.json")
+
+
 def report_test_metric_files(wildcards):
-    """The test-set ensemble of every classification model (segment has none)."""
-    return expand(
-        "results/evaluate/classify/{model}/test_ensemble/metrics.json",
-        model=models_for("classify") if "classify" in TASKS else [],
-    )
+    """The test-set ensemble of every model of the tasks that have one."""
+    return [
+        f"results/evaluate/{task}/{model}/test_ensemble/metrics.json"
+        for task in TASKS
+        if TASK[task].test_ensemble
+        for model in models_for(task)
+    ]
 
 
 def report_test_prediction_files(wildcards):
@@ -154,29 +200,24 @@ def report_test_prediction_files(wildcards):
     ]
 
 
-def report_train_files(name):
-    return [
-        f"results/train/{task}/{model}/fold{fold}/{name}"
-        for task in TASKS
-        for model in models_for(task)
-        for fold in FOLDS
-    ]
-
-
 def report_prediction_files(wildcards):
-    return [f for f in report_train_files("val_predictions.csv") if "/classify/" in f]
+    """Validation predictions of the classification tasks (ROC/PR, confusion, calibration)."""
+    return report_files(
+        "results/train/{task}/{model}/fold{fold}/val_predictions.csv",
+        tasks_of_kind("classification"),
+    )
 
 
 def report_history_files(wildcards):
-    return report_train_files("history.csv")
+    return report_files("results/train/{task}/{model}/fold{fold}/history.csv")
 
 
 def report_per_case_files(wildcards):
-    return [
-        f.replace("metrics.json", "per_case.csv")
-        for f in report_metric_files(wildcards)
-        if "/segment/" in f
-    ]
+    """Per-case metrics of the segmentation tasks (box plots)."""
+    return report_files(
+        "results/evaluate/{task}/{model}/fold{fold}/per_case.csv",
+        tasks_of_kind("segmentation"),
+    )
 
 
 def report_crop_sidecars(wildcards):
@@ -203,46 +244,96 @@ def get_report_outputs():
 # --- training inputs (workflow/rules/train.smk) ---
 
 TRAIN_SHARED_KEYS = ("seed", "device", "num_workers", "checkpoint_every")
-# What the trainer gets as --config: the task's section plus the shared keys (a change reruns it).
-TRAIN_CONFIG_JSON = {
-    task: json.dumps(
-        {
-            **{key: config["train"][key] for key in TRAIN_SHARED_KEYS},
-            **config["train"][task],
-        },
-        sort_keys=True,
-    )
-    for task in ("classify", "segment")
-}
 
 
-# A training job depends on its fold table alone, not on every case's sidecar: the fold tables are
-# made from the slices sidecars of all cases (rule split_folds), so a changed case reruns them and
-# then training, and the trainer finds the sidecars of the cases the table lists in
-# results/crops/ and results/slices/. One edge per job instead of one per case and job keeps the DAG
-# of thousands of cases fast (benchmarks/dag_scale.py). The crops are upstream of the fold tables
-# only when slices are cut from the crop; with slices.source: volume, classification also depends on
-# results/train/crops_index.tsv (made by index_crops, the one job that reads every crop sidecar).
-CROPS_BEFORE_FOLDS = config["slices"]["source"] == "crop"
+def train_config_json(task, model):
+    """What the trainer of ``task`` x ``model`` gets as --config: the task's section without the keys
+    of the task's other models, plus the shared keys. One model's hyperparameter reruns that model.
+    """
+    others = hnct.models.other_models_keys(task, model)
+    section = {k: v for k, v in config["train"][task].items() if k not in others}
+    shared = {key: config["train"][key] for key in TRAIN_SHARED_KEYS}
+    return json.dumps({**shared, **section}, sort_keys=True)
 
 
+# A training job depends on its fold tables alone, not on every case's sidecar: the fold tables are
+# made from the sidecars the task reads (its registry entry's fold_sidecars, e.g. the crops for
+# classify, the slices for segment), so a changed case reruns them and then training, and the
+# trainer finds the sidecars of the cases the table lists in the folder its train_options name. One
+# edge per job instead of one per case and job keeps the DAG of thousands of cases fast
+# (benchmarks/dag_scale.py).
 def get_train_inputs(wildcards):
-    """Fold tables of one training job (the other task's inputs are empty)."""
-    if wildcards.task == "segment":
-        return {
-            "folds": "results/folds/segment/folds.tsv",
-            "fold_slices": f"results/folds/segment/fold{wildcards.fold}_slices.tsv",
-            "crops_index": [],
-        }
+    """The task's named training inputs (registry: train_inputs) for this fold."""
     return {
-        "folds": f"results/folds/{wildcards.task}/folds.tsv",
-        "fold_slices": [],
-        "crops_index": [] if CROPS_BEFORE_FOLDS else "results/train/crops_index.tsv",
+        name.replace("-", "_"): pattern.format(task=wildcards.task, fold=wildcards.fold)
+        for name, pattern in TASK[wildcards.task].train_inputs.items()
     }
 
 
+def get_train_options(wildcards, input):
+    """``--<input> path`` of every named input plus the task's constant options (train_options)."""
+    named = {
+        name: input[name.replace("-", "_")]
+        for name in TASK[wildcards.task].train_inputs
+    }
+    return cli_options({**named, **TASK[wildcards.task].train_options})
+
+
 def get_train_config(wildcards):
-    return TRAIN_CONFIG_JSON[wildcards.task]
+    return train_config_json(wildcards.task, wildcards.model)
+
+
+def get_train_code(wildcards):
+    """Beside the rule's static code_version: the task's and the model's own modules (all of
+    hnct.tasks.training_modules, the checkpoint fingerprint's list)."""
+    return code_version(*hnct.tasks.training_modules(wildcards.task, wildcards.model))
+
+
+# --- evaluation inputs (workflow/rules/evaluate.smk) ---
+
+
+def get_evaluate_inputs(wildcards):
+    inputs = {
+        "predictions": "results/train/{task}/{model}/fold{fold}/val_predictions.csv".format(
+            **wildcards
+        )
+    }
+    for name, pattern in TASK[wildcards.task].evaluate_inputs.items():
+        inputs[name.replace("-", "_")] = pattern.format(**wildcards)
+    return inputs
+
+
+def get_evaluate_options(wildcards, input):
+    """The task's extra inputs and its options (registry: evaluate_options; only what it uses)."""
+    task = TASK[wildcards.task]
+    named = {name: input[name.replace("-", "_")] for name in task.evaluate_inputs}
+    options = {
+        name: str(value).format(**wildcards)
+        for name, value in task.evaluate_options(config).items()
+    }
+    return cli_options({**named, **options})
+
+
+def get_task_code(wildcards):
+    """Beside a rule's static code_version: the task's own module and the modules it names."""
+    task = TASK[wildcards.task]
+    return code_version(task.__module__, *task.modules)
+
+
+def get_evaluate_mem_mb(wildcards):
+    return TASK[wildcards.task].evaluate_mem_mb
+
+
+# --- fold inputs (workflow/rules/folds.smk) ---
+
+
+def get_fold_sidecars(wildcards):
+    """The per-case sidecars the task's folds read (registry: fold_sidecars)."""
+    return expand(TASK[wildcards.task].fold_sidecars, case=CASES)
+
+
+def get_fold_options(wildcards):
+    return cli_options(TASK[wildcards.task].fold_options(config))
 
 
 def train_runtime(wildcards, attempt):

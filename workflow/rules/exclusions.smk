@@ -3,7 +3,7 @@
 
 rule collect_exclusions:
     input:
-        sidecars=expand("results/slices/{case}.json", case=CASES),
+        sidecars=get_case_sidecars,
         fold_excluded=expand("results/folds/{task}/excluded.tsv", task=TASKS),
     output:
         tsv="results/exclusions.tsv",

@@ -1,4 +1,5 @@
-# folds{task}: the resolved cohort table, then patient-level stratified folds per task (hnct.folds).
+# folds{task}: the resolved cohort table, then patient-level stratified folds per task (hnct.folds),
+# from the per-case sidecars the task's registry entry names (classify: crops; segment: slices).
 
 import json
 
@@ -38,7 +39,7 @@ rule write_cohort:
 rule split_folds:
     input:
         cohort="results/cohort.tsv",
-        sidecars=expand("results/slices/{case}.json", case=CASES),
+        sidecars=get_fold_sidecars,
     output:
         folds="results/folds/{task}/folds.tsv",
         splits="results/folds/{task}/splits_final.json",
@@ -57,25 +58,30 @@ rule split_folds:
         seed=config["folds"]["seed"],
         test=config["folds"]["test"],
         test_fraction=config["folds"]["test_fraction"],
-        structure=config["train"]["segment"]["structure"],
-        code=code_version("folds", "cohort"),
+        options=get_fold_options,
+        plugins=PLUGINS_ARG,
+        code=code_version("folds", "cohort", "tasks"),
+        task_code=get_task_code,
     shell:
         "python -m hnct.folds --log {log:q} split --task {wildcards.task} --cohort {input.cohort:q}"
         " --sidecars {input.sidecars:q} --out-folds {output.folds:q} --out-splits {output.splits:q}"
         " --out-excluded {output.excluded:q} --n-folds {params.n_folds}"
         " --seed {params.seed} --test {params.test} --test-fraction {params.test_fraction}"
-        " --structure {params.structure:q}"
+        " {params.options} {params.plugins}"
 
 
-# Segmentation trains on slices: per fold, every slice of its train and val cases, from the indexes.
+# Tasks that train on slices (registry: slice_lists): per fold, every slice of its train and val
+# cases, from the indexes.
 rule list_fold_slices:
     input:
-        folds="results/folds/segment/folds.tsv",
+        folds="results/folds/{task}/folds.tsv",
         sidecars=expand("results/slices/{case}.json", case=CASES),
     output:
-        slices=expand("results/folds/segment/fold{fold}_slices.tsv", fold=FOLDS),
+        slices=expand("results/folds/{{task}}/fold{fold}_slices.tsv", fold=FOLDS),
     log:
-        "logs/list_fold_slices/segment.log",
+        "logs/list_fold_slices/{task}.log",
+    wildcard_constraints:
+        task=tasks_where("slice_lists"),
     localrule: True
     conda:
         "../../envs/train.yaml"

@@ -44,9 +44,10 @@ rule aggregate_metrics:
     params:
         bootstrap=config["report"]["bootstrap"],
         seed=config["report"]["seed"],
-        code=code_version("report", "metrics.classification"),
+        plugins=PLUGINS_ARG,
+        code=code_version("report", "metrics.classification", "tasks"),
     shell:
-        "python -m hnct.report --log {log} tables --metrics {input.metrics}"
+        "python -m hnct.report --log {log} tables {params.plugins} --metrics {input.metrics}"
         " --predictions {input.predictions} --test-metrics {input.test_metrics}"
         " --published {input.published}"
         " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q} --out-test {output.test:q}"
@@ -99,9 +100,10 @@ rule plot_results:
     params:
         dpi=config["report"]["dpi"],
         font_size=config["report"]["font_size"],
-        code=code_version("report"),
+        plugins=PLUGINS_ARG,
+        code=code_version("report", "tasks"),
     shell:
-        "python -m hnct.report --log {log} figures --predictions {input.predictions}"
+        "python -m hnct.report --log {log} figures {params.plugins} --predictions {input.predictions}"
         " --histories {input.histories} --per-case {input.per_case}"
         " --out-roc-pr {output.roc_pr:q} --out-confusion {output.confusion:q}"
         " --out-calibration {output.calibration:q} --out-training {output.training:q}"

@@ -98,6 +98,14 @@ def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
     }
 
 
+def positive_f1(truth: Any, predicted: Any) -> float:
+    """F1 of the positive class from boolean truth and prediction (0 when neither has a positive:
+    scikit-learn's ``zero_division=0``); segment's slice-level detection F1."""
+    cells = confusion(np.asarray(truth).astype(np.int64), np.asarray(predicted).astype(np.int64))
+    denominator = 2 * cells["tp"] + cells["fp"] + cells["fn"]
+    return 2 * cells["tp"] / denominator if denominator else 0.0
+
+
 def threshold_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, sensitivity, specificity, MCC and confusion at ``threshold``."""
     labels, probability = check_inputs(labels, probability)

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import Any
+
 from torch import nn
+
+from hnct.models import NUM_CLASSES, register_model
+from hnct.tasks.classify import Classify
 
 
 class CNN3D(nn.Module):
@@ -37,3 +42,8 @@ class CNN3D(nn.Module):
     def forward(self, x):
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(self.dropout(x))
+
+
+@register_model("cnn3d", tasks=[Classify.name], config_keys=["cnn3d_channels"])
+def build_cnn3d(cfg: dict[str, Any]) -> CNN3D:
+    return CNN3D(in_channels=1, num_classes=NUM_CLASSES, channels=cfg["cnn3d_channels"])

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hnct.models import register_model
+from hnct.tasks.segment import Segment
+
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
     """Convolution (same padding) + batch norm + ReLU."""
@@ -213,3 +216,8 @@ class SNet(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@register_model("snet", tasks=[Segment.name], config_keys=["snet_width"])
+def build_snet(cfg: dict) -> SNet:
+    return SNet(in_channels=1, out_channels=1, width=int(cfg["snet_width"]), deep_supervision=True)

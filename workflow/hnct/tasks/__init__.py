@@ -1,0 +1,210 @@
+"""The task registry: one module per task, one class each, registered with ``@register_task``.
+
+A task class is the only place that knows a task's name and what the rest of hnct asks of it:
+
+workflow (read at parse time by workflow/rules/common.smk; nothing here imports torch)
+    ``fold_sidecars``     the per-case sidecar pattern its folds read (``results/crops/{case}.json``):
+                          the upstream stage whose outputs make a case usable, and that its jobs read
+    ``slice_lists``       True when folds also writes per-fold slice lists (``fold{k}_slices.tsv``)
+    ``train_inputs``      named input patterns of one training job (``{task}``, ``{fold}`` filled in
+                          by the rule); each name is the trainer's ``--<name>`` option
+    ``train_options``     constant trainer options (folders where the job finds its cases' sidecars)
+    ``evaluate_inputs``   extra named inputs of ``evaluate_fold`` (besides ``predictions``)
+    ``evaluate_options``  ``(config) -> {option: value}`` of ``evaluate_fold`` (only what it uses)
+    ``fold_options``      ``(config) -> {option: value}`` of ``split_folds`` (how labels are made)
+    ``test_ensemble``     True when its folds' test-set predictions are ensembled (rule ensemble_test)
+    ``report_kind``       ``classification`` or ``segmentation``: the tables and figures it adds
+                          to the report (ROC/PR, confusion and calibration; per-case box plots)
+    ``modules``           hnct modules its jobs run besides train/evaluate (hashed into code_version)
+folds    ``case_label(case, row, sidecar_path, sidecar, cohort_file, options)``
+training ``prepare(cfg, fold, inputs)`` -> a :class:`hnct.train.TaskRun` (datasets and augmentation,
+         loss, validation through ``hnct.metrics``, prediction writing); ``optimizer(cfg, params)``,
+         ``scheduler(optimizer, cfg)``; ``metric_name``, ``history_columns``, ``prediction_columns``
+evaluate ``evaluate_main(argv)``: the ``python -m hnct.evaluate --task <name>`` command
+report   ``report_kind`` (above) and ``report_title``, the heading of its tables
+
+Built-in tasks: :mod:`hnct.tasks.classify` and :mod:`hnct.tasks.segment`. Plugin modules (config
+``plugins``, importable module names) register more tasks and models the same way; every hnct
+command that needs the registry takes ``--plugins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+# Task and model names become path components and wildcards.
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Task:
+    """Base class of a task; see the module doc for every attribute a task declares."""
+
+    name: ClassVar[str] = ""
+    report_kind: ClassVar[str] = ""
+    positive_label: ClassVar[str] = "positive"  # what a label-1 case is called in messages
+    report_title: ClassVar[str] = ""
+    fold_sidecars: ClassVar[str] = ""
+    slice_lists: ClassVar[bool] = False
+    train_inputs: ClassVar[dict[str, str]] = {}
+    train_options: ClassVar[dict[str, str]] = {}
+    evaluate_inputs: ClassVar[dict[str, str]] = {}
+    evaluate_mem_mb: ClassVar[int] = 1000
+    test_ensemble: ClassVar[bool] = False
+    modules: ClassVar[tuple[str, ...]] = ()
+    metric_name: ClassVar[str] = ""
+    history_columns: ClassVar[tuple[str, ...]] = ()
+    prediction_columns: ClassVar[tuple[str, ...]] = ()
+    # JSON schema of ``train.<name>`` for a plugin task (built-in tasks: config/schema.yaml)
+    config_schema: ClassVar[dict[str, Any] | None] = None
+
+    # ---- workflow
+    @classmethod
+    def fold_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def evaluate_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    # ---- folds
+    @classmethod
+    def case_label(cls, case: str, row, sidecar_path, sidecar: dict[str, Any], cohort_file: str,
+                   options: dict[str, Any]) -> tuple[int | None, dict[str, str] | None]:
+        """``(label, None)`` for a usable case or ``(None, exclusion row)`` naming stage, file, reason."""
+        raise NotImplementedError(f"task {cls.name} does not define case labels")
+
+    # ---- training
+    @classmethod
+    def prepare(cls, cfg: dict[str, Any], fold: int, inputs: dict[str, Any]):
+        raise NotImplementedError(f"task {cls.name} does not define training")
+
+    @classmethod
+    def optimizer(cls, cfg: dict[str, Any], parameters):
+        raise NotImplementedError(f"task {cls.name} does not define an optimizer")
+
+    @classmethod
+    def scheduler(cls, optimizer, cfg: dict[str, Any]):
+        """A scheduler stepped with the validation metric after every epoch, or None."""
+        return None
+
+    # ---- evaluate
+    @classmethod
+    def evaluate_main(cls, argv: list[str]) -> int:
+        raise NotImplementedError(f"task {cls.name} does not define evaluation")
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    if not NAME.match(cls.name or ""):
+        raise ValueError(f"task class {cls.__qualname__}: name {cls.name!r} must match {NAME.pattern}")
+    if cls.name in TASKS and TASKS[cls.name] is not cls:
+        raise ValueError(f"task {cls.name!r} is registered twice ({TASKS[cls.name].__module__} and {cls.__module__})")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> type[Task]:
+    """The registered task ``name``; ValueError naming the registered ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(TASKS))}") from None
+
+
+def task_names() -> list[str]:
+    return sorted(TASKS)
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import plugin modules (config ``plugins``): their tasks and models register themselves."""
+    for module in modules:
+        if module:
+            importlib.import_module(module)
+
+
+def add_plugins_argument(parser) -> None:
+    """``--plugins MODULE ...``: what every registry-driven command takes (config ``plugins``)."""
+    parser.add_argument("--plugins", nargs="*", default=[],
+                        help="modules that register more tasks and models (config plugins)")
+
+
+# The hnct modules that define every training run; with the task's and the model's own modules
+# (training_modules) they are what the trainer's checkpoint fingerprint and the train rule's
+# code_version hash: both call code_hash on the same list.
+TRAINER_MODULES = ("train", "data", "losses")
+
+
+def _package_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
+
+
+def module_file(module: str):
+    """The source file of ``hnct.<module>`` (``crop``, ``metrics.segmentation``, ``hnct.tasks.classify``)
+    found by path, or of any other importable module (a plugin)."""
+    from pathlib import Path
+
+    name = module.removeprefix("hnct.")
+    parts = name.split(".")
+    for path in (_package_root().joinpath(*parts[:-1], parts[-1] + ".py"),
+                 _package_root().joinpath(*parts, "__init__.py")):
+        if path.exists():
+            return path
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ValueError(f"module {module!r} cannot be found (a plugin must be on PYTHONPATH)")
+    return Path(spec.origin)
+
+
+def training_modules(task: str, model: str) -> tuple[str, ...]:
+    """What defines a run of ``task`` x ``model``: the trainer, the registries, the task's module and
+    the modules it names, the model's module. A new model file is a new model (its own jobs); an
+    edit of one model's module reruns that model's jobs only."""
+    from hnct.models import get_model
+
+    spec = get_task(task)
+    return (*TRAINER_MODULES, "tasks", spec.__module__, *spec.modules, "models", get_model(model, task).module)
+
+
+def code_hash(modules: Iterable[str]) -> str:
+    """sha256 (hex) of ``hnct.common`` and the source files of ``modules`` (names and contents): the
+    one code hash of hnct (every rule's code_version, the trainer's checkpoint fingerprint)."""
+    import hashlib
+
+    root = _package_root()
+    digest = hashlib.sha256()
+    files = dict.fromkeys(module_file(m) for m in ("common", *modules))
+    for path in files:
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def train_section(task: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``train.<task>`` with defaults: a built-in task's section is checked by config/schema.yaml; a
+    plugin task's by its ``config_schema`` (its defaults filled in, then validated)."""
+    schema = get_task(task).config_schema
+    if schema is None:
+        return given
+    import jsonschema
+
+    section = {**{key: prop["default"] for key, prop in schema.get("properties", {}).items()
+                  if "default" in prop}, **given}
+    try:
+        jsonschema.validate(section, schema)
+    except jsonschema.ValidationError as error:
+        raise ValueError(f"config train.{task}: {error.message}") from None
+    return section
+
+
+import importlib.util  # noqa: E402
+
+from hnct.tasks import classify, segment  # noqa: E402,F401  (register the built-in tasks)
