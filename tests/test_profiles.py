@@ -20,8 +20,8 @@ TOY = REPO / "tests" / "slurm" / "toy" / "Snakefile"
 # A dry run with the profile's conda asks `conda info`; CI has no conda. env-modules is a no-op
 # here (no rule has envmodules:) and --sdm has no "none".
 NO_CONDA = ["--sdm", "env-modules"]
-# demo_case_<case> rules (one per case) cannot be named in a profile; fetch_series has its own group.
-PREPROCESS_RULES = {"convert_series", "crop_larynx", "export_slices"}
+# The per-case chain (the demo's case folder, then convert, crop, slices); fetch_series has its own group.
+PREPROCESS_RULES = {"demo_case", "convert_series", "crop_larynx", "export_slices"}
 
 
 def load_profile(name: str) -> dict:

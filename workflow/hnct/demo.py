@@ -264,17 +264,6 @@ def _series_of(row: pd.Series) -> list[dict[str, Any]]:
     return series
 
 
-def dicom_root_param(wildcards, output) -> str:
-    """Snakemake ``params`` function: the DICOM root, read off a rule's outputs (no hard-coded prefix).
-
-    ``metadata.csv`` lies in the root; a case file lies 5 levels below it
-    (``<Collection>/<PatientID>/<study>/<series>/<file>``).
-    """
-    if "metadata" in output.keys():
-        return str(Path(output.metadata).parent)
-    return str(Path(output.files[0]).parents[4])
-
-
 def case_files(row: pd.Series) -> list[str]:
     """The exact files :func:`write_case` writes for ``row``, relative to the DICOM root."""
     return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]]

@@ -100,11 +100,16 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
+# The empty file Snakemake puts in each directory() output (the demo's case folders) to carry its mtime.
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
+
+
 def _iter_files(folder: Path) -> Iterable[Path]:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            yield Path(root) / name
+            if name != SNAKEMAKE_MARKER:
+                yield Path(root) / name
 
 
 def index_series(folder: str | os.PathLike) -> pd.DataFrame:
