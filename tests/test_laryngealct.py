@@ -249,11 +249,6 @@ def test_laryngealct_dag_builds_offline_from_the_committed_table(tmp_path):
     import subprocess
     import sys
 
-    snakefile = (REPO / "Snakefile").read_text()
-    missing = [inc for inc in re.findall(r"^include:\s*[\"']([^\"']+)[\"']", snakefile, re.M)
-               if not (REPO / inc).exists()]
-    if missing:
-        pytest.skip(f"the Snakefile does not parse yet: missing {missing}")
     (tmp_path / "config").symlink_to(REPO / "config")  # cohort.table is relative to the working dir
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "results/folds/classify/folds.tsv", "--snakefile", str(REPO / "Snakefile"),
