@@ -264,6 +264,17 @@ def _series_of(row: pd.Series) -> list[dict[str, Any]]:
     return series
 
 
+def dicom_root_param(wildcards, output) -> str:
+    """Snakemake ``params`` function: the DICOM root, read off a rule's outputs (no hard-coded prefix).
+
+    ``metadata.csv`` lies in the root; a case's folder (output ``dicom``) is
+    ``<root>/<wildcards.case_dir>`` (the case's ``dicom_dir``, one or more folder levels).
+    """
+    if "metadata" in output.keys():
+        return str(Path(output.metadata).parent)
+    return str(Path(output.dicom).parents[len(Path(wildcards.case_dir).parts) - 1])
+
+
 def case_files(row: pd.Series) -> list[str]:
     """The exact files :func:`write_case` writes for ``row``, relative to the DICOM root."""
     return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]]

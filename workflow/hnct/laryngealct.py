@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import requests
 
 from hnct.cohort import check_cohort, tcia_patient_id, write_cohort
 from hnct.common import atomic_path, setup_logging
@@ -115,8 +116,6 @@ def download_annotations(base_url: str, commit: str, files: dict[str, dict[str, 
             log.info("%s: present, checksum ok", target)
             got[name] = target
             continue
-        import requests  # here: crop reads bbox3d through this module in an env without it
-
         url = annotation_url(base_url, file_commit, spec["path"])
         log.info("downloading %s", url)
         with atomic_path(target) as tmp:

@@ -12,7 +12,9 @@ import re
 if SOURCE == "demo":
     # The plan with each row as JSON, for lookup() in params; a case is found by its dicom_dir.
     DEMO_PLAN = COHORT.reset_index(drop=True).assign(
-        plan_json=[json.dumps(row.to_dict(), sort_keys=True) for _, row in COHORT.iterrows()]
+        plan_json=[
+            json.dumps(row.to_dict(), sort_keys=True) for _, row in COHORT.iterrows()
+        ]
     )
 
     rule demo_case:
@@ -30,8 +32,10 @@ if SOURCE == "demo":
             mem_mb=1000,
             runtime=5,
         params:
-            case=lookup(query="dicom_dir == '{case_dir}'", cols="case", within=DEMO_PLAN),
-            out_root=DICOM_ROOT,
+            case=lookup(
+                query="dicom_dir == '{case_dir}'", cols="case", within=DEMO_PLAN
+            ),
+            out_root=hnct.demo.dicom_root_param,
             plan=lookup(
                 query="dicom_dir == '{case_dir}'", cols="plan_json", within=DEMO_PLAN
             ),
@@ -56,7 +60,7 @@ if SOURCE == "demo":
             mem_mb=1000,
             runtime=5,
         params:
-            out_root=DICOM_ROOT,
+            out_root=hnct.demo.dicom_root_param,
             n_patients=config["demo"]["n_patients"],
             seed=config["demo"]["seed"],
             t4_fraction=config["demo"]["t4_fraction"],
