@@ -143,3 +143,11 @@ def test_case_folder_is_emptied_first_and_empty_for_an_excluded_case(tmp_path):
     sidecar = run_case_stage("C2", "crop", tmp_path / "crops" / "C2.json", bad, out_dir=out)
     assert sidecar["status"] == "excluded"
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_folder_not_named_after_the_case_is_never_emptied(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "other_case.nrrd").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="not the case's own folder"):
+        run_case_stage("C1", "crop", tmp_path / "C1.json", lambda: {}, out_dir=tmp_path / "results")
+    assert (tmp_path / "results" / "other_case.nrrd").read_bytes() == b"keep"

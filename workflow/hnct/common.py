@@ -211,13 +211,17 @@ def run_case_stage(
     on without calling ``work``. Any other exception is a bug: it propagates, and
     Snakemake removes the outputs of the failed job.
 
-    ``out_dir`` is the stage's declared per-case folder of data files: it is emptied before
+    ``out_dir`` is the stage's declared per-case folder of data files, named after the case
+    (``results/crops/{case}``; anything else is refused, as it is emptied): it is emptied before
     ``work`` runs (no file of an earlier run survives) and stays, empty, when the case is
     excluded, so the job still has all its outputs and the DAG goes on. The sidecar is
     removed first and written last (atomically): a job killed at any point leaves no
     sidecar, and Snakemake runs it again.
     """
     sidecar_path = Path(sidecar_path)
+    if out_dir is not None and Path(out_dir).name != case:
+        # It is emptied: never a folder that holds anything but this case's files.
+        raise ValueError(f"case {case}: out_dir {out_dir} is not the case's own folder (named {case})")
     if sidecar_path.exists():
         sidecar_path.unlink()
     if out_dir is not None:
