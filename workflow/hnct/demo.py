@@ -14,6 +14,8 @@ parse. :func:`case_files` lists the exact files a case gets; :func:`write_case` 
 laid out as the NBIA Data Retriever writes downloads (``<Collection>/<PatientID>/
 <MM-DD-YYYY>-NA-<StudyDescription>-<last 5 of StudyUID>/<SeriesNumber>.000000-<SeriesDescription>-
 <last 5 of SeriesUID>/1-01.dcm``, files numbered from 1 and zero-padded to the width of the count).
+In the workflow each case's folder (the plan's ``dicom_dir``: the patient folder, or the study
+folder of a patient with two scans) is one declared ``directory()`` output of rule ``demo_case``.
 
 Phantom (HU): air -1000, subcutaneous fat -100, soft tissue 40, vertebra 650 (marrow 250),
 laryngeal cartilage 400 (thyroid shield, cricoid ring) and hyoid 550, airway lumen -1000, tumour 110
