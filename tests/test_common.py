@@ -1,10 +1,18 @@
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import hnct.common
 from hnct.common import (
     InputError,
     atomic_path,
+    fresh_dir,
     is_ok,
     read_sidecar,
     run_case_stage,
@@ -70,3 +78,80 @@ def test_sidecar_json_is_stable(tmp_path):
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
     assert "torch" in software_versions() and "pydicom" in software_versions()
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
+                                                       (0o077, 0o600, 0o700)])
+def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp makes 0600 files: results must get what open() would give (others read them)."""
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "sub" / "a.json", {"a": 1})
+        with atomic_path(tmp_path / "sub" / "b.nrrd") as tmp:
+            tmp.unlink()  # a writer that replaces the file instead of writing into it
+            tmp.write_bytes(b"x")
+        fresh_dir(tmp_path / "case")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.nrrd"):
+        assert stat.S_IMODE((tmp_path / "sub" / name).stat().st_mode) == file_mode, name
+    assert stat.S_IMODE((tmp_path / "sub").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "case").stat().st_mode) == dir_mode
+
+
+KILLED_STAGE = """
+import os, signal, sys
+from pathlib import Path
+from hnct.common import atomic_path, run_case_stage
+
+out, sidecar = Path(sys.argv[1]), Path(sys.argv[2])
+
+def work():
+    with atomic_path(out / "volume.nrrd") as tmp:
+        tmp.write_bytes(b"complete volume")
+    with atomic_path(out / "label.nrrd") as tmp:
+        tmp.write_bytes(b"half a label")
+        os.kill(os.getpid(), signal.SIGKILL)  # SLURM's kill at the time limit, mid-write
+    return {}
+
+run_case_stage("C1", "convert", sidecar, work, out_dir=out)
+"""
+
+
+def test_a_job_killed_mid_write_leaves_no_sidecar_and_no_final_half_file(tmp_path):
+    out, sidecar = tmp_path / "volumes" / "C1", tmp_path / "volumes" / "C1.json"
+    # The previous run's complete outputs: a rerun must never take them for this run's.
+    run_case_stage("C1", "convert", sidecar, lambda: {"size": [1, 2, 3]}, out_dir=out)
+    (out / "label.nrrd").write_bytes(b"previous run")
+    package_dir = Path(hnct.common.__file__).resolve().parents[1]  # this checkout's hnct
+    proc = subprocess.run([sys.executable, "-c", KILLED_STAGE, str(out), str(sidecar)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(package_dir)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # No sidecar (old or new): Snakemake sees a missing output and runs the job again.
+    assert not sidecar.exists()
+    # The file being written never got its final name; the folder holds only this run's files.
+    assert not (out / "label.nrrd").exists()
+    assert (out / "volume.nrrd").read_bytes() == b"complete volume"
+
+
+def test_case_folder_is_emptied_first_and_empty_for_an_excluded_case(tmp_path):
+    out = tmp_path / "crops" / "C2"
+    out.mkdir(parents=True)
+    (out / "old.nrrd").write_bytes(b"earlier run")
+
+    def bad():
+        (out / "partial.nrrd").write_bytes(b"written before the stage found the problem")
+        raise InputError("C2", "/data/C2", "no labelled voxel")
+
+    sidecar = run_case_stage("C2", "crop", tmp_path / "crops" / "C2.json", bad, out_dir=out)
+    assert sidecar["status"] == "excluded"
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_folder_not_named_after_the_case_is_never_emptied(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "other_case.nrrd").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="not the case's own folder"):
+        run_case_stage("C1", "crop", tmp_path / "C1.json", lambda: {}, out_dir=tmp_path / "results")
+    assert (tmp_path / "results" / "other_case.nrrd").read_bytes() == b"keep"

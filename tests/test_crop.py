@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from hnct import crop
 from hnct.common import InputError, excluded_sidecar, ok_sidecar, read_json, write_json
+from hnct.laryngealct import BBOX_COLUMNS, AnnotationError, parse_bbox3d
 
 # A rotated (15 degrees about z), anisotropic scan with a non-trivial origin.
 ANGLE = math.radians(15.0)
@@ -246,9 +247,9 @@ def test_bbox3d_worked_example_converts_with_the_scan_geometry():
 
 
 def test_published_bbox3d_parses_with_collection_counts(laryngealct_dir):
-    table = crop.read_bbox3d(laryngealct_dir / "bbox3d.txt")
+    table = parse_bbox3d(laryngealct_dir / "bbox3d.txt")
     assert len(table) == 1029 and table["case_id"].is_unique
-    counts = Counter(crop.bbox3d_collection(c) for c in table["case_id"])
+    counts = Counter(table["collection"])
     assert counts == {
         "RADCURE": 867, "HEAD-NECK-RADIOMICS-HN1": 49, "QIN-HEADNECK": 46,
         "Head-Neck-PET-CT": 44, "HNSCC": 19, "Head-Neck-3DCT-RT": 4,
@@ -257,9 +258,9 @@ def test_published_bbox3d_parses_with_collection_counts(laryngealct_dir):
     for case, patient in [("HN_018_01", "HN-018"), ("HN-018", "HN-018"), ("scan-a", "HN-018")]:
         row = crop.find_bbox3d_row(table, case, patient, "bbox3d.txt")
         assert row["case_id"] == "HN_018"
-        assert [row[c] for c in crop.BBOX3D_COLUMNS[1:]] == [216, 213, 67, 90, 60, 32]
+        assert [row[c] for c in BBOX_COLUMNS[1:]] == [216, 213, 67, 90, 60, 32]
     row = crop.find_bbox3d_row(table, "RADCURE-0724", "RADCURE-0724", "bbox3d.txt")
-    assert [row[c] for c in crop.BBOX3D_COLUMNS[1:]] == [223, 174, 41, 71, 67, 39]
+    assert [row[c] for c in BBOX_COLUMNS[1:]] == [223, 174, 41, 71, 67, 39]
     assert crop.find_bbox3d_row(table, "HNSCC-01-0165", None, "x")["case_id"] == "HNSCC_01_0165"
     with pytest.raises(InputError, match="no crop box"):
         crop.find_bbox3d_row(table, "RADCURE-9999", "RADCURE-9999", "bbox3d.txt")
@@ -267,20 +268,20 @@ def test_published_bbox3d_parses_with_collection_counts(laryngealct_dir):
 
 def test_bbox3d_table_crop_end_to_end(tmp_path):
     """A bbox3d line in the published form crops the scan voxels it names (patient match, '_' for '-')."""
-    source = write_case(tmp_path, case="HN-900_01", patient="HN-900", direction=crop.IDENTITY)
+    source = write_case(tmp_path, case="HN-090_01", patient="HN-090", direction=crop.IDENTITY)
     # The planted block: x 50..79, y 40..59, z 8..13 in scan voxels.
     table = tmp_path / "bbox3d.txt"
-    table.write_text("RADCURE_0001,1,2,3,4,5,6\nHN_900,50,40,8,30,20,6\n")
-    sidecar, out = run_crop(tmp_path, source, case="HN-900_01", method="table", table=str(table),
+    table.write_text("RADCURE_0001,1,2,3,4,5,6\nHN_090,50,40,8,30,20,6\n")
+    sidecar, out = run_crop(tmp_path, source, case="HN-090_01", method="table", table=str(table),
                             table_format="bbox3d")
     assert sidecar["status"] == "ok", sidecar
     assert sidecar["box_source"] == "bbox3d table"
-    assert sidecar["box_detail"]["bbox3d_case_id"] == "HN_900"
+    assert sidecar["box_detail"]["bbox3d_case_id"] == "HN_090"
     volume, label = make_scan(direction=crop.IDENTITY)
     lo, hi = crop.bbox3d_to_lps(volume, (50, 40, 8), (30, 20, 6))
     assert sidecar["requested_box_lps"]["min"] == pytest.approx(list(lo))
     assert lo == pytest.approx([ORIGIN[0] + 25.0, ORIGIN[1] + 20.0, ORIGIN[2] + 20.0])
-    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "HN-900_01_label.nrrd")))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "HN-090_01_label.nrrd")))
     # x = column, y = row, z = slice: the box is exactly the planted block. 14.5 x 9.5 x 12.5 mm
     # between the outer voxel centres -> 16 x 11 x 14 voxels at 1 mm (ceil + 1); every output
     # voxel centre within the requested box is labelled, the ceil's last voxel lies past the block.
@@ -302,3 +303,43 @@ def test_cli_runs_a_case(tmp_path):
     sidecar = read_json(out / "CASE-1.json")
     assert sidecar["status"] == "ok" and sidecar["spacing"] == [1.5, 1.5, 1.5]
     assert sitk.ReadImage(str(out / "CASE-1.nrrd")).GetSpacing() == (1.5, 1.5, 1.5)
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("HN_090,50,40,8,30,0,6", "box sizes must be positive"),
+    ("LUNG1_001,50,40,8,30,20,6", "none of the six LaryngealCT collections"),
+    ("HN_090,50,40,8,30,20", "expected case_id and 6 integers"),
+    ("RADCURE_0001,9,9,9,9,9,9", "duplicate case IDs"),
+])
+def test_bad_bbox3d_table_fails_the_crop_naming_file_and_line(tmp_path, line, reason):
+    """crop reads bbox3d.txt through hnct.laryngealct's parser: the same checks as the cohort table.
+
+    A broken table is no case's fault (it would misplace every box): the job fails, naming the file.
+    """
+    source = write_case(tmp_path, case="HN-090_01", patient="HN-090", direction=crop.IDENTITY)
+    table = tmp_path / "bbox3d.txt"
+    table.write_text(f"RADCURE_0001,1,2,3,4,5,6\n{line}\n")
+    where = "bbox3d.txt" if reason == "duplicate case IDs" else "bbox3d.txt:2"
+    with pytest.raises(AnnotationError, match=f"{where}: .*{reason}"):
+        run_crop(tmp_path, source, case="HN-090_01", method="table", table=str(table), table_format="bbox3d")
+    assert not (tmp_path / "crops" / "HN-090_01.json").exists()
+
+
+def test_case_folder_is_emptied_and_stays_empty_when_excluded(tmp_path):
+    """With the case's declared folder (the workflow's results/crops/{case}/): a previous run's
+    files never survive; an excluded case leaves the folder, empty, and its sidecar."""
+    source = write_case(tmp_path)
+    folder = tmp_path / "crops" / "CASE-1"
+    folder.mkdir(parents=True)
+    (folder / "old.nrrd").write_bytes(b"from an earlier run")
+    ok = crop.crop_case("CASE-1", source, folder / "volume.nrrd", folder / "label.nrrd",
+                        tmp_path / "crops" / "CASE-1.json", structures=["Larynx"], out_dir=folder)
+    assert ok["status"] == "ok" and ok["volume"] == str(folder / "volume.nrrd")
+    assert sorted(p.name for p in folder.iterdir()) == ["label.nrrd", "volume.nrrd"]
+    table = write_lps_table(tmp_path / "boxes.tsv", [("CASE-1", (500.0, 500.0, 0.0), (560.0, 560.0, 40.0))])
+    excluded = crop.crop_case("CASE-1", source, folder / "volume.nrrd", folder / "label.nrrd",
+                              tmp_path / "crops" / "CASE-1.json", method="table", table=str(table),
+                              table_format="lps", out_dir=folder)
+    assert excluded["status"] == "excluded" and "wholly outside" in excluded["reason"]
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    assert read_json(tmp_path / "crops" / "CASE-1.json")["status"] == "excluded"

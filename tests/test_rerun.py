@@ -8,9 +8,10 @@ The module runs the small demo (tests/slurm/demo_small.yaml) once, from a copy o
 - one model's own hyperparameter       → that model's training and what depends on it only (two
                                           models per task in the fixture, so "only" can fail)
 - one stage's module code (hnct.crop)  → that stage (every case) and everything after it
-- one case's DICOM file changed         → that case's chain and the aggregates (a bare touch
-                                          of an unchanged file reruns nothing: Snakemake 9
-                                          compares checksums of inputs under 1 MB)
+- one demo case's DICOM folder rewritten → that case's chain and the aggregates (the demo's
+                                          DICOM are one declared directory() per case, rule
+                                          demo_case; Snakemake does not look inside one, so the
+                                          folder is the unit of change)
 
 "Everything after" is computed independently of Snakemake's rerun logic: from the job DAG of a
 `--forceall` dry run (each job's input and output files), the exact set of jobs downstream of the
@@ -224,32 +225,24 @@ def test_module_code_change_reruns_that_stage_and_after(demo):
     assert demo.dry_run() == set(), "restoring the module's code did not restore the run"
 
 
-def test_changing_one_cases_dicom_file_reruns_that_case_and_aggregates(demo):
-    # Last of the demo tests: the changed file stays changed.
-    import pydicom
-
-    convert_jobs = sorted(jobs_of(demo, "convert_series"))
-    case_job = convert_jobs[0]
-    case = dict(re.findall(r"(\w+)=([^,\s]+)", demo.jobs[case_job]["wildcards"]))["case"]
-    dicom = [f for f in demo.jobs[case_job]["input"] if f.endswith(".dcm")]
-    assert dicom, demo.jobs[case_job]
-    path = demo.workdir / dicom[0]
-    # A bare touch is no change: Snakemake 9 compares checksums of inputs under 1 MB
-    # (--max-checksum-file-size), so only a file larger than that would rerun on mtime alone.
-    if path.stat().st_size < 1_000_000:
-        os.utime(path)
-        assert demo.dry_run() == set(), "touching a DICOM file without changing it reran jobs"
-    dataset = pydicom.dcmread(path)
-    dataset.InstitutionName = "re-exported"  # the file changes; the image does not
-    dataset.save_as(path)
-    expected = downstream(demo.jobs, {case_job})
+def test_one_demo_case_folder_rewritten_reruns_that_case_and_aggregates(demo):
+    # Last of the demo tests: the folder stays newer than its readers.
+    case_job = sorted(jobs_of(demo, "demo_case"))[0]
+    folder = next(f for f in demo.jobs[case_job]["output"] if f.startswith("results/demo/dicom/"))
+    converts = [job for job in jobs_of(demo, "convert_series") if folder in demo.jobs[job]["input"]]
+    assert len(converts) == 1, (folder, converts)  # convert reads the case's folder, nothing else of the demo
+    case = dict(re.findall(r"(\w+)=([^,\s]+)", demo.jobs[converts[0]]["wildcards"]))["case"]
+    # Written again (what a rerun of its demo_case job leaves): Snakemake keeps a directory()
+    # output's time in the .snakemake_timestamp file it puts inside.
+    os.utime(demo.workdir / folder / ".snakemake_timestamp")
+    expected = downstream(demo.jobs, set(converts))
     actual = demo.dry_run()
     assert_reruns(actual, expected)
     per_case = {"convert_series", "crop_larynx", "export_slices"}
     other_cases = {job for job in actual if job.rule in per_case and
                    dict(re.findall(r"(\w+)=([^,\s]+)", demo.jobs[job]["wildcards"]))["case"] != case}
     assert not other_cases, describe(other_cases)
-    assert per_case <= {job.rule for job in actual}
+    assert per_case <= {job.rule for job in actual} and "demo_case" not in {job.rule for job in actual}
     # one case's new crop reaches every training job through the fold tables
     assert jobs_of(demo, "train_fold") <= actual and "split_folds" in {job.rule for job in actual}
 

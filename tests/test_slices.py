@@ -138,11 +138,16 @@ def test_excluded_upstream_gives_excluded_sidecar_and_no_files(tmp_path):
     source = tmp_path / "crops" / "CASE-1.json"
     write_json(source, excluded_sidecar("CASE-1", "crop", "boxes.tsv", "crop box wholly outside the scan",
                                         excluded_at="crop"))
+    stale = tmp_path / "slices" / "CASE-1" / "CASE-1_0000.npz"  # from a run before the case broke
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     sidecar = run(tmp_path, source)
     assert sidecar["status"] == "excluded" and sidecar["excluded_at"] == "crop"
     assert read_json(tmp_path / "slices" / "CASE-1.json")["status"] == "excluded"
     assert not (tmp_path / "slices" / "CASE-1.tsv").exists()
-    assert not (tmp_path / "slices" / "CASE-1").exists()
+    # The case's declared folder is there (the job has all its outputs) and empty.
+    assert (tmp_path / "slices" / "CASE-1").is_dir()
+    assert list((tmp_path / "slices" / "CASE-1").iterdir()) == []
 
 
 def test_missing_volume_is_excluded(tmp_path):

@@ -3,9 +3,12 @@
 Per-case stages (convert, crop, slices) always write a JSON sidecar. Its ``status`` is
 ``"ok"`` when the stage produced its data files, or ``"excluded"`` with the ``stage``,
 ``file`` and ``reason`` when the case could not be used. A case excluded upstream is
-passed on as excluded (``reason`` names the upstream stage), so the sidecar is the one
-declared Snakemake output of a per-case stage and nothing downstream ever reads a
-half-written or missing volume. ``hnct.exclusions`` gathers them into ``exclusions.tsv``.
+passed on as excluded (``reason`` names the upstream stage). A per-case stage declares two
+Snakemake outputs: the sidecar and a per-case folder of data files (``out_dir`` of
+:func:`run_case_stage`; empty for an excluded case), so Snakemake sees and cleans every file,
+and nothing downstream ever reads a half-written or missing volume (the sidecar, which names
+the data files, is written last). ``hnct.exclusions`` gathers them into ``exclusions.tsv``.
+Files are written with the umask's mode (:func:`atomic_path`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from importlib import metadata
@@ -64,12 +68,25 @@ def _hnct_version() -> str:
     return __version__
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` or ``mkdir()`` would give a new file or folder.
+
+    Results live on shared cluster filesystems; a collaborator reads them through the group and
+    other bits that the user's umask leaves (022 gives files 0644, 002 gives 0664).
+    """
+    current = os.umask(0)  # the only way to read the umask; set back at once
+    os.umask(current)
+    return mode & ~current
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
     A crash or an exception leaves no half-written file under the final name.
     ``suffix`` keeps the extension that writers such as SimpleITK or pynrrd look at.
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask), not
+    ``mkstemp``'s private 0600, so others on a shared filesystem can read the results.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +96,23 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After the writer: some writers replace the file instead of writing into it.
+        os.chmod(tmp_path, umask_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fresh_dir(path: str | os.PathLike) -> Path:
+    """An empty folder at ``path`` (a previous run's files removed), made with the umask's mode."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True)
+    return path
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
@@ -172,6 +202,7 @@ def run_case_stage(
     sidecar_path: str | os.PathLike,
     work: Callable[[], dict[str, Any]],
     upstream: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run one stage for one case and always leave a sidecar behind.
 
@@ -179,7 +210,22 @@ def run_case_stage(
     raises :class:`InputError` for bad input. An excluded ``upstream`` sidecar is passed
     on without calling ``work``. Any other exception is a bug: it propagates, and
     Snakemake removes the outputs of the failed job.
+
+    ``out_dir`` is the stage's declared per-case folder of data files, named after the case
+    (``results/crops/{case}``; anything else is refused, as it is emptied): it is emptied before
+    ``work`` runs (no file of an earlier run survives) and stays, empty, when the case is
+    excluded, so the job still has all its outputs and the DAG goes on. The sidecar is
+    removed first and written last (atomically): a job killed at any point leaves no
+    sidecar, and Snakemake runs it again.
     """
+    sidecar_path = Path(sidecar_path)
+    if out_dir is not None and Path(out_dir).name != case:
+        # It is emptied: never a folder that holds anything but this case's files.
+        raise ValueError(f"case {case}: out_dir {out_dir} is not the case's own folder (named {case})")
+    if sidecar_path.exists():
+        sidecar_path.unlink()
+    if out_dir is not None:
+        fresh_dir(out_dir)
     if upstream is not None:
         up = read_sidecar(upstream)
         if not is_ok(up):
@@ -193,6 +239,8 @@ def run_case_stage(
         if err.case != case:
             raise
         log.error("EXCLUDED %s", err)
+        if out_dir is not None:
+            fresh_dir(out_dir)  # nothing the work wrote before it gave up
         sidecar = excluded_sidecar(case, stage, err.file, err.reason, excluded_at=stage)
         write_json(sidecar_path, sidecar)
         return sidecar

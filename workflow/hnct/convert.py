@@ -1,9 +1,10 @@
 """convert{case}: the case's CT series as an int16 HU NRRD and its label map as a uint8 NRRD.
 
 Reads the case's DICOM folder through :mod:`hnct.dicomio` (which documents the series choice and
-the geometry checks), writes ``results/volumes/{case}.nrrd`` (int16 HU, LPS geometry, no
-compression) and, unless ``labels`` is ``none``, ``results/labels/{case}.nrrd`` (uint8, value =
-position in ``structures`` + 1) on the same grid, then the sidecar. Labels come from the RTSTRUCT
+the geometry checks), writes ``results/volumes/{case}/volume.nrrd`` (int16 HU, LPS geometry, no
+compression) and, unless ``labels`` is ``none``, ``results/volumes/{case}/label.nrrd`` (uint8,
+value = position in ``structures`` + 1) on the same grid, then the sidecar
+``results/volumes/{case}.json`` that names them. Labels come from the RTSTRUCT
 (:mod:`hnct.dicomio`), the DICOM SEG (:mod:`hnct.seg`), whichever of the two the case has
 (``auto``: :func:`hnct.seg.pick_label_source`) or a mask folder. Everything is computed in
 memory before the first file is written, so an excluded case leaves no NRRD behind (stale ones
@@ -81,8 +82,13 @@ def convert_case(
     max_slice_gap_mm: float = 5.0,
     slice_step_mm: float = 0.0,
     upstream: str | Path | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Convert one case; always writes ``sidecar_path`` (ok or excluded) and returns it."""
+    """Convert one case; always writes ``sidecar_path`` (ok or excluded) and returns it.
+
+    ``out_dir``: the case's declared folder holding ``volume_path`` and ``label_path`` (emptied
+    first; stays empty when the case is excluded), see :func:`hnct.common.run_case_stage`.
+    """
     if labels not in LABEL_SOURCES:
         raise ValueError(f"labels must be one of {LABEL_SOURCES}, not {labels!r}")
     structures = list(structures)
@@ -168,7 +174,7 @@ def convert_case(
             "seconds": round(seconds, 3),
         }
 
-    return run_case_stage(case, "convert", sidecar_path, work, upstream=upstream or None)
+    return run_case_stage(case, "convert", sidecar_path, work, upstream=upstream or None, out_dir=out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volume", required=True, help="output CT NRRD (int16 HU)")
     parser.add_argument("--label", default="", help="output label map NRRD (uint8); unused with --labels none")
     parser.add_argument("--sidecar", required=True, help="output sidecar JSON (written last)")
+    parser.add_argument("--out-dir", default="", help="the case's folder of --volume and --label (emptied first)")
     parser.add_argument("--series-uid", nargs="?", const="", default="", help="CT SeriesInstanceUID to use")
     parser.add_argument("--labels", choices=LABEL_SOURCES, default="rtstruct")
     parser.add_argument("--mask-dir", nargs="?", const="", default="")
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         gantry_tilt=args.gantry_tilt, max_tilt_deg=args.max_tilt_deg,
         max_spacing_spread=args.max_spacing_spread, max_slice_gap_mm=args.max_slice_gap_mm,
         slice_step_mm=args.slice_step_mm,
-        upstream=args.upstream or None,
+        upstream=args.upstream or None, out_dir=args.out_dir or None,
     )
     return 0
 

@@ -9,7 +9,8 @@ Every box is a physical box in LPS millimetres before anything is resampled. It 
   ``case, x_min_mm, y_min_mm, z_min_mm, x_max_mm, y_max_mm, z_max_mm``, LPS mm);
 * ``method: table, table_format: bbox3d``: LaryngealCT's published ``bbox3d.txt``
   (``case_id,x,y,z,size_x,size_y,size_z``, integer voxels of the ORIGINAL scan grid, see
-  ``docs/laryngealct_boxes.md``), converted once to millimetres with the scan's own geometry.
+  ``docs/laryngealct_boxes.md``; read by :func:`hnct.laryngealct.parse_bbox3d`), converted once
+  to millimetres with the scan's own geometry.
 
 Box convention: a box's ``min``/``max`` are the outermost output voxel CENTRES. The output grid is
 axis-aligned (identity direction, LPS), starts at ``min`` and has ``ceil((max - min) / spacing) + 1``
@@ -38,11 +39,11 @@ import SimpleITK as sitk
 
 from hnct.cohort import tcia_patient_id
 from hnct.common import InputError, atomic_path, read_image, read_sidecar, run_case_stage, setup_logging
+from hnct.laryngealct import parse_bbox3d
 
 log = logging.getLogger("hnct.crop")
 
 LPS_COLUMNS = ("case", "x_min_mm", "y_min_mm", "z_min_mm", "x_max_mm", "y_max_mm", "z_max_mm")
-BBOX3D_COLUMNS = ("case_id", "x", "y", "z", "size_x", "size_y", "size_z")
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 # Input voxels kept around the box when the sub-region is cut out: the interpolation kernel's
 # support (B-spline coefficients are computed on the sub-region; 4 voxels make the edge effect
@@ -52,15 +53,6 @@ KERNEL_MARGIN = {"linear": 1, "bspline": 4, "nearest": 1}
 _EPS = 1e-6
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
-# LaryngealCT case-ID prefixes -> TCIA collection (for checks and reports).
-BBOX3D_COLLECTIONS = (
-    (re.compile(r"^RADCURE_\d+$"), "RADCURE"),
-    (re.compile(r"^HN\d+$"), "HEAD-NECK-RADIOMICS-HN1"),
-    (re.compile(r"^QIN_HEADNECK_\d+_\d+$"), "QIN-HEADNECK"),
-    (re.compile(r"^HN_(CHUS|HGJ|HMR|CHUM)_\d+$"), "Head-Neck-PET-CT"),
-    (re.compile(r"^HNSCC_\d+_\d+$"), "HNSCC"),
-    (re.compile(r"^HN_\d+$"), "Head-Neck-3DCT-RT"),
-)
 # A repeat-scan suffix on an hnct case ID (``HN_018_01``: scan 01 of patient HN_018).
 REPEAT_SUFFIX = re.compile(r"^(?P<base>.+?)[_-](?P<scan>\d{2})$")
 
@@ -229,29 +221,6 @@ def read_lps_table(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def read_bbox3d(path: str | Path) -> pd.DataFrame:
-    """LaryngealCT's ``bbox3d.txt`` as published: ``case_id,x,y,z,size_x,size_y,size_z`` (no header, voxels)."""
-    table = pd.read_csv(path, header=None, names=list(BBOX3D_COLUMNS), dtype={"case_id": str}, skipinitialspace=True)
-    table["case_id"] = table["case_id"].str.strip()
-    numeric = table[list(BBOX3D_COLUMNS[1:])]
-    if numeric.isna().any().any():
-        bad = table.loc[numeric.isna().any(axis=1), "case_id"].tolist()
-        raise ValueError(f"{path}: rows without 6 integers: {bad[:5]}")
-    for column in BBOX3D_COLUMNS[1:]:
-        table[column] = table[column].astype(int)
-    if (table[["size_x", "size_y", "size_z"]] <= 0).any().any():
-        raise ValueError(f"{path}: box sizes must be positive")
-    return table
-
-
-def bbox3d_collection(case_id: str) -> str:
-    """The TCIA collection of a LaryngealCT case ID (``RADCURE_0724`` -> ``RADCURE``); '' when unknown."""
-    for pattern, collection in BBOX3D_COLLECTIONS:
-        if pattern.match(case_id):
-            return collection
-    return ""
-
-
 def _norm(identifier: str) -> str:
     return tcia_patient_id(str(identifier)).upper()
 
@@ -352,7 +321,7 @@ def place_box(
             raise InputError(case, table, f"crop box max {box_max.tolist()} below min {box_min.tolist()}")
         return box_min, box_max, "lps table", {"table": str(table)}
     if table_format == "bbox3d":
-        row = find_bbox3d_row(read_bbox3d(table), case, upstream.get("patient_id"), table)
+        row = find_bbox3d_row(parse_bbox3d(table), case, upstream.get("patient_id"), table)
         start = (int(row["x"]), int(row["y"]), int(row["z"]))
         size = (int(row["size_x"]), int(row["size_y"]), int(row["size_z"]))
         box_min, box_max = bbox3d_to_lps(volume, start, size)
@@ -378,8 +347,13 @@ def crop_case(
     spacing_mm: float = 1.0,
     interpolation: str = "linear",
     pad_hu: int = -1024,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Crop one case; writes ``out_volume`` (int16 HU), ``out_label`` (uint8) and the sidecar (last)."""
+    """Crop one case; writes ``out_volume`` (int16 HU), ``out_label`` (uint8) and the sidecar (last).
+
+    ``out_dir``: the case's declared folder holding both NRRDs (emptied first; stays empty when
+    the case is excluded), see :func:`hnct.common.run_case_stage`.
+    """
     structures = list(structures or [])
     if interpolation not in INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATORS)}, not {interpolation!r}")
@@ -437,7 +411,7 @@ def crop_case(
             "series_uid": upstream.get("series_uid", ""),
         }
 
-    return run_case_stage(case, "crop", sidecar, work, upstream=source_sidecar)
+    return run_case_stage(case, "crop", sidecar, work, upstream=source_sidecar, out_dir=out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-volume", required=True, help="cropped CT, int16 HU NRRD")
     parser.add_argument("--out-label", required=True, help="cropped label map, uint8 NRRD")
     parser.add_argument("--sidecar", required=True, help="crop sidecar JSON (written last)")
+    parser.add_argument("--out-dir", default="", help="the case's folder of --out-volume and --out-label (emptied first)")
     parser.add_argument("--method", choices=["mask", "table"], default="mask")
     parser.add_argument("--table", nargs="?", const="", default="", help="crop table (method table)")
     parser.add_argument("--table-format", choices=["lps", "bbox3d"], default="lps")
@@ -462,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         args.case, args.source_sidecar, args.out_volume, args.out_label, args.sidecar,
         method=args.method, table=args.table or None, table_format=args.table_format,
         structures=args.structures, margin_mm=args.margin_mm, spacing_mm=args.spacing_mm,
-        interpolation=args.interpolation, pad_hu=args.pad_hu,
+        interpolation=args.interpolation, pad_hu=args.pad_hu, out_dir=args.out_dir or None,
     )
     if sidecar["status"] == "ok":
         log.info("case %s: crop %s voxels at %s mm, box %s", args.case, sidecar["size"],

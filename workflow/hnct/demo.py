@@ -14,6 +14,8 @@ parse. :func:`case_files` lists the exact files a case gets; :func:`write_case` 
 laid out as the NBIA Data Retriever writes downloads (``<Collection>/<PatientID>/
 <MM-DD-YYYY>-NA-<StudyDescription>-<last 5 of StudyUID>/<SeriesNumber>.000000-<SeriesDescription>-
 <last 5 of SeriesUID>/1-01.dcm``, files numbered from 1 and zero-padded to the width of the count).
+In the workflow each case's folder (the plan's ``dicom_dir``: the patient folder, or the study
+folder of a patient with two scans) is one declared ``directory()`` output of rule ``demo_case``.
 
 Phantom (HU): air -1000, subcutaneous fat -100, soft tissue 40, vertebra 650 (marrow 250),
 laryngeal cartilage 400 (thyroid shield, cricoid ring) and hyoid 550, airway lumen -1000, tumour 110
@@ -267,12 +269,12 @@ def _series_of(row: pd.Series) -> list[dict[str, Any]]:
 def dicom_root_param(wildcards, output) -> str:
     """Snakemake ``params`` function: the DICOM root, read off a rule's outputs (no hard-coded prefix).
 
-    ``metadata.csv`` lies in the root; a case file lies 5 levels below it
-    (``<Collection>/<PatientID>/<study>/<series>/<file>``).
+    ``metadata.csv`` lies in the root; a case's folder (output ``dicom``) is
+    ``<root>/<wildcards.case_dir>`` (the case's ``dicom_dir``, one or more folder levels).
     """
     if "metadata" in output.keys():
         return str(Path(output.metadata).parent)
-    return str(Path(output.files[0]).parents[4])
+    return str(Path(output.dicom).parents[len(Path(wildcards.case_dir).parts) - 1])
 
 
 def case_files(row: pd.Series) -> list[str]:

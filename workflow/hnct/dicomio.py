@@ -155,6 +155,10 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
+# The empty file Snakemake puts in each directory() output (the demo's case folders) to carry its mtime.
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
+
+
 def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     """The value of an ASCII-only element (VR UI, CS, IS, DS) as text, multiple values joined by
     backslashes, straight from the raw bytes when pydicom has not converted it yet: converting
@@ -172,7 +176,8 @@ def _iter_files(folder: Path) -> Iterable[Path]:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            yield Path(root) / name
+            if name != SNAKEMAKE_MARKER:
+                yield Path(root) / name
 
 
 def _frame_item(ds: pydicom.Dataset, frame: int | None, sequence: str) -> pydicom.Dataset | None:

@@ -135,7 +135,12 @@ def download_annotations(base_url: str, commit: str, files: dict[str, dict[str, 
 # ------------------------------------------------------------------------------ parsing
 
 def parse_bbox3d(path: str | Path) -> pd.DataFrame:
-    """``bbox3d.txt`` as a table: LaryngealCT ``case_id``, TCIA ``patient``, collection, the box (voxels)."""
+    """``bbox3d.txt`` as a table: LaryngealCT ``case_id``, TCIA ``patient``, collection, the box (voxels).
+
+    The one reader of the file (the cohort table and ``crop.table_format: bbox3d`` both use it).
+    Every line must be a case ID of one of the six collections and six integers, the three sizes
+    positive, each case ID once; an error names the file and the line.
+    """
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.strip()
@@ -144,10 +149,16 @@ def parse_bbox3d(path: str | Path) -> pd.DataFrame:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 7 or not all(re.fullmatch(r"-?\d+", p) for p in parts[1:]):
             raise AnnotationError(f"{path}:{number}: expected case_id and 6 integers, got {line[:60]!r}")
+        box = {k: int(v) for k, v in zip(BBOX_COLUMNS[1:], parts[1:])}
+        if min(box["size_x"], box["size_y"], box["size_z"]) <= 0:
+            raise AnnotationError(f"{path}:{number}: box sizes must be positive, got {line[:60]!r}")
         patient = tcia_patient_id(parts[0])
-        rows.append({"case_id": parts[0], "patient": patient, "collection": collection_of(patient),
-                     **{k: int(v) for k, v in zip(BBOX_COLUMNS[1:], parts[1:])}})
-    table = pd.DataFrame(rows)
+        try:
+            collection = collection_of(patient)
+        except AnnotationError as err:
+            raise AnnotationError(f"{path}:{number}: {err}") from None
+        rows.append({"case_id": parts[0], "patient": patient, "collection": collection, **box})
+    table = pd.DataFrame(rows, columns=["case_id", "patient", "collection", *BBOX_COLUMNS[1:]])
     dup = table.loc[table["case_id"].duplicated(), "case_id"]
     if len(dup):
         raise AnnotationError(f"{path}: duplicate case IDs {sorted(set(dup))[:5]}")

@@ -123,14 +123,6 @@ def write_jpg(path: Path, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(tmp, format="JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
 
 
-def _clear_old_slices(slice_dir: Path, case: str) -> None:
-    """Remove a previous run's slice files of this case (a new run may have fewer slices)."""
-    if slice_dir.is_dir():
-        for old in slice_dir.glob(f"{case}_[0-9][0-9][0-9][0-9]*"):
-            if old.suffix in {".npz", ".jpg"}:
-                old.unlink()
-
-
 def export_slices(
     case: str,
     source_sidecar: str | Path,
@@ -145,7 +137,12 @@ def export_slices(
     overlay: bool = True,
     compress: bool = False,
 ) -> dict[str, Any]:
-    """Export the axial slices of one case; the sidecar (written last) records the index and counts."""
+    """Export the axial slices of one case; the sidecar (written last) records the index and counts.
+
+    ``slice_dir`` is the case's own declared folder (the workflow puts the index in it too): it is
+    emptied first, so a rerun with fewer slices leaves none of the old ones, and stays empty when
+    the case is excluded (:func:`hnct.common.run_case_stage`).
+    """
     slice_dir = Path(slice_dir)
     window_bounds(window_level, window_width)
 
@@ -179,8 +176,6 @@ def export_slices(
         spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
         direction = np.asarray(image.GetDirection(), dtype=np.float64)
         window = np.array([window_level, window_width], dtype=np.float64)
-        slice_dir.mkdir(parents=True, exist_ok=True)
-        _clear_old_slices(slice_dir, case)
         save = np.savez_compressed if compress else np.savez
         rows = []
         for k in progress(range(hu.shape[0]), total=hu.shape[0], every=100, what=f"{case} slices"):
@@ -229,7 +224,7 @@ def export_slices(
             "spacing": spacing.tolist(),
         }
 
-    return run_case_stage(case, "slices", sidecar, work, upstream=source_sidecar)
+    return run_case_stage(case, "slices", sidecar, work, upstream=source_sidecar, out_dir=slice_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=["crop", "volume"], default="crop")
     parser.add_argument("--sidecar", required=True, help="slices sidecar JSON (written last)")
     parser.add_argument("--index", required=True, help="per-case slice index TSV")
-    parser.add_argument("--out-dir", required=True, help="folder of the case's .npz/.jpg files")
+    parser.add_argument("--out-dir", required=True, help="the case's own folder of .npz/.jpg files (emptied first)")
     parser.add_argument("--window-level", type=float, default=40.0, help="HU")
     parser.add_argument("--window-width", type=float, default=400.0, help="HU")
     parser.add_argument("--structure", default="GTVn", help="segmentation structure: decides 'positive'")

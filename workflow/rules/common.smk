@@ -96,10 +96,10 @@ def case_row(wildcards):
 
 
 def get_case_dicom(wildcards):
-    """The files convert reads for one case: demo output, a local folder's files, or a fetch manifest."""
+    """What convert reads for one case: the demo case's folder, a local folder's files, or a fetch sidecar."""
     row = case_row(wildcards)
     if SOURCE == "demo":
-        return [f"{DICOM_ROOT}/{f}" for f in hnct.demo.case_files(row)]
+        return f"{DICOM_ROOT}/{row['dicom_dir']}"  # the case's folder (rule demo_case)
     if SOURCE == "local":
         folder = Path(DICOM_ROOT) / row["dicom_dir"]
         files = sorted(

@@ -1,13 +1,30 @@
-# convert{case}: the chosen CT series as int16 HU NRRD + its label map as uint8 NRRD (hnct.convert).
+# convert{case}: the chosen CT series as int16 HU NRRD + its label map as uint8 NRRD (hnct.convert),
+# both in the case's folder results/volumes/{case}/ (empty for an excluded case); the sidecar names them.
 
+
+import shlex
 
 import hnct.convert  # noqa: E402  (params helper: the cohort's series_uid per case)
+
+# Only the label options of the configured label source reach the job (an unused param would
+# rerun every conversion when it changes): the structures for RTSTRUCT or mask labels, the mask
+# folder for mask labels, nothing without labels.
+_LABELS = config["convert"]["labels"]
+CONVERT_LABEL_ARGS = f"--labels {_LABELS}"
+if _LABELS != "none":
+    CONVERT_LABEL_ARGS += (
+        f" --structures {shlex.join(config['convert']['structures'])}"
+        f" --required-structures {shlex.join(config['convert']['required_structures'])}"
+    )
+if _LABELS == "nrrd":
+    CONVERT_LABEL_ARGS += f" --mask-dir {shlex.quote(config['convert']['mask_dir'])}"
 
 
 rule convert_series:
     input:
         dicom=get_case_dicom,
     output:
+        data=directory("results/volumes/{case}"),
         sidecar="results/volumes/{case}.json",
     log:
         "logs/convert_series/{case}.log",
@@ -21,12 +38,7 @@ rule convert_series:
         dicom_dir=get_case_dicom_dir,
         series_uid=hnct.convert.series_uid_param(COHORT),
         upstream=get_upstream_fetch,
-        volume="results/volumes/{case}.nrrd",
-        label="results/labels/{case}.nrrd",
-        labels=config["convert"]["labels"],
-        mask_dir=config["convert"]["mask_dir"],
-        structures=config["convert"]["structures"],
-        required_structures=config["convert"]["required_structures"],
+        labels=CONVERT_LABEL_ARGS,
         gantry_tilt=config["convert"]["gantry_tilt"],
         max_tilt_deg=config["convert"]["max_tilt_deg"],
         max_spacing_spread=config["convert"]["max_spacing_spread"],
@@ -36,9 +48,9 @@ rule convert_series:
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --series-uid {params.series_uid:q} --upstream {params.upstream:q}"
-        " --volume {params.volume:q} --label {params.label:q} --sidecar {output.sidecar:q}"
-        " --labels {params.labels} --mask-dir {params.mask_dir:q}"
-        " --structures {params.structures:q} --required-structures {params.required_structures:q}"
+        " --out-dir {output.data:q} --volume {output.data:q}/volume.nrrd"
+        " --label {output.data:q}/label.nrrd --sidecar {output.sidecar:q}"
+        " {params.labels}"
         " --gantry-tilt {params.gantry_tilt} --max-tilt-deg {params.max_tilt_deg}"
         " --max-spacing-spread {params.max_spacing_spread} --max-slice-gap-mm {params.max_slice_gap_mm}"
         " --slice-step-mm {params.slice_step_mm}"

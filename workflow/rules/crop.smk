@@ -1,8 +1,24 @@
-# crop{case}: the laryngeal box of each scan on a 1 mm isotropic grid (hnct.crop).
+# crop{case}: the laryngeal box of each scan on a 1 mm isotropic grid (hnct.crop), CT and label map
+# in the case's folder results/crops/{case}/ (empty for an excluded case); the sidecar names them.
 
+
+import shlex
 
 # The crop table that table-placed crops read (an input, so editing it reruns the crops); none for masks.
 CROP_TABLE = config["crop"]["table"] if config["crop"]["method"] == "table" else []
+
+# Only the options of the configured method reach the job (a param it does not use would rerun
+# every crop when it changes): the table and its format, or the structures and margin of a mask box.
+if config["crop"]["method"] == "table":
+    CROP_BOX_ARGS = (
+        f"--table {shlex.quote(config['crop']['table'])}"
+        f" --table-format {config['crop']['table_format']}"
+    )
+else:
+    CROP_BOX_ARGS = (
+        f"--structures {shlex.join(config['crop']['structures'])}"
+        f" --margin-mm {config['crop']['margin_mm']}"
+    )
 
 
 rule crop_larynx:
@@ -10,6 +26,7 @@ rule crop_larynx:
         volume="results/volumes/{case}.json",
         table=CROP_TABLE,
     output:
+        data=directory("results/crops/{case}"),
         sidecar="results/crops/{case}.json",
     log:
         "logs/crop_larynx/{case}.log",
@@ -20,22 +37,17 @@ rule crop_larynx:
         mem_mb=config["resources"]["preprocess_mem_mb"],
         runtime=10,
     params:
-        out_volume="results/crops/{case}.nrrd",
-        out_label="results/crops/{case}_label.nrrd",
         method=config["crop"]["method"],
-        table=config["crop"]["table"],
-        table_format=config["crop"]["table_format"],
-        structures=config["crop"]["structures"],
-        margin_mm=config["crop"]["margin_mm"],
+        box=CROP_BOX_ARGS,
         spacing_mm=config["crop"]["spacing_mm"],
         interpolation=config["crop"]["interpolation"],
         pad_hu=config["crop"]["pad_hu"],
-        code=code_version("crop", "cohort"),
+        code=code_version("crop", "cohort", "laryngealct"),
     shell:
         "python -m hnct.crop --case {wildcards.case:q} --source-sidecar {input.volume:q}"
-        " --out-volume {params.out_volume:q} --out-label {params.out_label:q}"
-        " --sidecar {output.sidecar:q} --method {params.method} --table {params.table:q}"
-        " --table-format {params.table_format} --structures {params.structures:q}"
-        " --margin-mm {params.margin_mm} --spacing-mm {params.spacing_mm}"
+        " --out-dir {output.data:q} --out-volume {output.data:q}/volume.nrrd"
+        " --out-label {output.data:q}/label.nrrd"
+        " --sidecar {output.sidecar:q} --method {params.method} {params.box}"
+        " --spacing-mm {params.spacing_mm}"
         " --interpolation {params.interpolation} --pad-hu {params.pad_hu}"
         " --log {log:q}"

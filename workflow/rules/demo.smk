@@ -1,49 +1,52 @@
 # demo: the synthetic DICOM cohort (hnct.demo), the workflow's default source (cohort.source: demo).
 #
-# Each case's DICOM file names carry parts of its UIDs (NBIA Data Retriever layout), so the
-# declared outputs differ per case and cannot be one wildcard pattern: one rule per case,
-# demo_case_<case>, each with the explicit file list of hnct.demo.case_files (what convert reads).
-# The case's plan row is a param (as JSON), so a changed plan rewrites that case.
+# One job per case writes the case's folder of the DICOM root in the NBIA Data Retriever layout
+# (cohort column dicom_dir: <Collection>/<PatientID>, or the study folder of a patient with two
+# scans), a declared directory() that convert reads; its file names carry parts of the case's UIDs,
+# so the folder, not a file list, is the output. The case's plan row is a param (as JSON), so a
+# changed plan rewrites that case.
 
 import json
+import re
 
 if SOURCE == "demo":
+    # The plan with each row as JSON, for lookup() in params; a case is found by its dicom_dir.
+    DEMO_PLAN = COHORT.reset_index(drop=True).assign(
+        plan_json=[
+            json.dumps(row.to_dict(), sort_keys=True) for _, row in COHORT.iterrows()
+        ]
+    )
 
-    for _case in CASES:
-
-        rule:
-            name:
-                f"demo_case_{_case.replace('-', '_').replace('.', '_')}"
-            output:
-                files=[
-                    f"{DICOM_ROOT}/{name}"
-                    for name in hnct.demo.case_files(COHORT.loc[_case])
-                ],
-                manifest=f"results/demo/cases/{_case}.json",
-            log:
-                f"logs/demo_case/{_case}.log",
-            # On a cluster each case's demo → convert → crop → slices chain is one component
-            # of the profile's preprocess group (the per-case rule names can't be listed there).
-            group:
-                "preprocess"
-            conda:
-                "../../envs/dicom.yaml"
-            threads: 1
-            resources:
-                mem_mb=1000,
-                runtime=5,
-            params:
-                case=_case,
-                out_root=hnct.demo.dicom_root_param,
-                plan=json.dumps(COHORT.loc[_case].to_dict(), sort_keys=True),
-                code=code_version("demo", "cohort"),
-            shell:
-                "python -m hnct.demo case --case {params.case:q} --out-root {params.out_root:q}"
-                " --manifest {output.manifest:q} --plan-json {params.plan:q} --log {log:q}"
+    rule demo_case:
+        output:
+            dicom=directory(f"{DICOM_ROOT}/{{case_dir}}"),
+            manifest="results/demo/cases/{case_dir}.json",
+        log:
+            "logs/demo_case/{case_dir}.log",
+        wildcard_constraints:
+            case_dir="|".join(re.escape(folder) for folder in DEMO_PLAN["dicom_dir"]),
+        conda:
+            "../../envs/dicom.yaml"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=5,
+        params:
+            case=lookup(
+                query="dicom_dir == '{case_dir}'", cols="case", within=DEMO_PLAN
+            ),
+            out_root=hnct.demo.dicom_root_param,
+            plan=lookup(
+                query="dicom_dir == '{case_dir}'", cols="plan_json", within=DEMO_PLAN
+            ),
+            code=code_version("demo", "cohort"),
+        shell:
+            "python -m hnct.demo case --case {params.case:q} --out-root {params.out_root:q}"
+            " --manifest {output.manifest:q} --plan-json {params.plan:q} --log {log:q}"
 
     rule demo_cohort:
         input:
-            manifests=expand("results/demo/cases/{case}.json", case=CASES),
+            dicom=expand(f"{DICOM_ROOT}/{{case_dir}}", case_dir=DEMO_PLAN["dicom_dir"]),
         output:
             metadata=f"{DICOM_ROOT}/metadata.csv",
             clinical="results/demo/clinical.tsv",

@@ -22,6 +22,10 @@ FETCH_LABELS = (
 if SOURCE in ("tcia", "manifest"):
 
     rule fetch_series:
+        input:
+            # The .tcia file the job reads (source manifest): an input, not a path in params,
+            # so an edited manifest reruns fetch.
+            manifest=config["tcia"]["manifest"] if SOURCE == "manifest" else [],
         output:
             sidecar="results/fetch/{case}.json",
         log:
@@ -54,7 +58,6 @@ if SOURCE in ("tcia", "manifest"):
             token_file=config["tcia"]["token_file"],
             token_env=config["tcia"]["token_env"],
             modalities=" ".join(config["tcia"]["modalities"]),
-            manifest=config["tcia"]["manifest"] if SOURCE == "manifest" else "",
             labels=FETCH_LABELS,
             code=code_version("fetch", "tcia", "manifest", "cohort"),
         shell:
@@ -64,7 +67,7 @@ if SOURCE in ("tcia", "manifest"):
             " --sidecar {output.sidecar:q} --api-url {params.api_url:q} --timeout-s {params.timeout_s}"
             " --retries {params.retries} --backoff-s {params.backoff_s} --attempts {params.attempts}"
             " --token-file={params.token_file:q} --token-env={params.token_env:q}"
-            " --modalities {params.modalities} --manifest={params.manifest:q} {params.labels}"
+            " --modalities {params.modalities} --manifest={input.manifest:q} {params.labels}"
             " --log {log:q}"
 
 

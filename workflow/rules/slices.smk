@@ -1,4 +1,5 @@
-# slices{case}: windowed axial slices of each crop (or volume) as .npz + .jpg, with an index (hnct.slices).
+# slices{case}: windowed axial slices of each crop (or volume) as .npz + .jpg, with an index TSV, in the
+# case's folder results/slices/{case}/ (empty for an excluded case); the sidecar names the index (hnct.slices).
 
 
 # The sidecar of what slices are cut from: the crop (default) or the whole volume.
@@ -13,6 +14,7 @@ rule export_slices:
     input:
         source=SLICES_SOURCE,
     output:
+        data=directory("results/slices/{case}"),
         sidecar="results/slices/{case}.json",
     log:
         "logs/export_slices/{case}.log",
@@ -23,8 +25,6 @@ rule export_slices:
         mem_mb=config["resources"]["preprocess_mem_mb"],
         runtime=20,
     params:
-        index="results/slices/{case}.tsv",
-        out_dir="results/slices/{case}",
         source=config["slices"]["source"],
         window_level=config["slices"]["window_level"],
         window_width=config["slices"]["window_width"],
@@ -35,7 +35,7 @@ rule export_slices:
         code=code_version("slices"),
     shell:
         "python -m hnct.slices --case {wildcards.case:q} --source-sidecar {input.source:q}"
-        " --source {params.source} --sidecar {output.sidecar:q} --index {params.index:q}"
-        " --out-dir {params.out_dir:q} --window-level {params.window_level}"
+        " --source {params.source} --sidecar {output.sidecar:q} --index {output.data:q}/index.tsv"
+        " --out-dir {output.data:q} --window-level {params.window_level}"
         " --window-width {params.window_width} --structure {params.structure:q}"
         " {params.jpg} {params.overlay} {params.compress} --log {log:q}"
