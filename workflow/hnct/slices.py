@@ -166,7 +166,7 @@ def export_slices(
         grey = window_uint8(hu, window_level, window_width) if (jpg or overlay) else None
         counts = {value: (mask == value).sum(axis=(1, 2)) for value in sorted(labels)}
         seg_values = structure_values(labels, structure)
-        if not seg_values:
+        if structure and not seg_values:
             log.warning("case %s: segmentation structure %s is not in the label map (%s): no positive slice",
                         case, structure, ", ".join(labels.values()) or "no labels")
         positive = np.isin(mask, seg_values).any(axis=(1, 2)) if seg_values else np.zeros(hu.shape[0], bool)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True, help="the case's own folder of .npz/.jpg files (emptied first)")
     parser.add_argument("--window-level", type=float, default=40.0, help="HU")
     parser.add_argument("--window-width", type=float, default=400.0, help="HU")
-    parser.add_argument("--structure", default="GTVn", help="segmentation structure: decides 'positive'")
+    parser.add_argument("--structure", default="", help="the structure whose voxels make a slice positive (none: no positive slice)")
     parser.add_argument("--jpg", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compress", action=argparse.BooleanOptionalAction, default=False,

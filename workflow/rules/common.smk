@@ -82,6 +82,18 @@ def tasks_where(attribute):
     return "|".join(names) if names else "NO_TASKS"
 
 
+def get_slice_structure():
+    """The structure that marks an exported slice positive: the one task that trains on slices
+    names it; '' when no configured task does (the index still counts every structure).
+    """
+    names = sorted({TASK[task].slice_structure(config) for task in TASKS} - {None})
+    if len(names) > 1:
+        raise ValueError(
+            f"tasks {TASKS} name different slice structures {names}: export_slices marks one"
+        )
+    return names[0] if names else ""
+
+
 def cli_options(options):
     """``--name value`` pairs (each value shell-quoted) from a task's option dict."""
     import shlex

@@ -28,7 +28,7 @@ rule export_slices:
         source=config["slices"]["source"],
         window_level=config["slices"]["window_level"],
         window_width=config["slices"]["window_width"],
-        structure=config["train"]["segment"]["structure"],
+        structure=get_slice_structure(),
         jpg="--jpg" if config["slices"]["jpg"] else "--no-jpg",
         overlay="--overlay" if config["slices"]["overlay"] else "--no-overlay",
         compress="--compress" if config["slices"]["compress"] else "--no-compress",

@@ -12,6 +12,8 @@ workflow (read at parse time by workflow/rules/common.smk; nothing here imports 
     ``evaluate_inputs``   extra named inputs of ``evaluate_fold`` (besides ``predictions``)
     ``evaluate_options``  ``(config) -> {option: value}`` of ``evaluate_fold`` (only what it uses)
     ``fold_options``      ``(config) -> {option: value}`` of ``split_folds`` (how labels are made)
+    ``slice_structure``   ``(config) -> name or None``: the structure whose voxels make an exported
+                          slice ``positive`` (rule export_slices), for a task that trains on slices
     ``test_ensemble``     True when its folds' test-set predictions are ensembled (rule ensemble_test)
     ``report_kind``       ``classification`` or ``segmentation``: the tables and figures it adds
                           to the report (ROC/PR, confusion and calibration; per-case box plots)
@@ -68,6 +70,10 @@ class Task:
     @classmethod
     def evaluate_options(cls, config: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def slice_structure(cls, config: dict[str, Any]) -> str | None:
+        return None
 
     # ---- folds
     @classmethod

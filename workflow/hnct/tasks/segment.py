@@ -44,6 +44,10 @@ class Segment(Task):
         return {"structure": config["train"][cls.name]["structure"]}
 
     @classmethod
+    def slice_structure(cls, config):
+        return config["train"][cls.name]["structure"]
+
+    @classmethod
     def evaluate_options(cls, config):
         return {"masks-dir": "results/evaluate/{task}/{model}/fold{fold}/masks",
                 "slices-dir": "results/slices",
