@@ -83,6 +83,19 @@ def write_test_series(root: Path, collection: str, patient: str, study_uid: str,
     return paths
 
 
+def send_half_and_drop(handler: BaseHTTPRequestHandler, body: bytes, content_type: str | None = None) -> None:
+    """A connection dropped mid-body: the full Content-Length announced, half the bytes sent."""
+    handler.send_response(200)
+    if content_type:
+        handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body[: len(body) // 2])
+    handler.wfile.flush()
+    handler.close_connection = True
+    handler.connection.shutdown(2)
+
+
 class NBIAServer:
     """Serve every DICOM series under ``root`` through NBIA v4 endpoints on 127.0.0.1."""
 
@@ -232,15 +245,7 @@ class NBIAServer:
                     return self.send_body(500, b"Internal Server Error", "text/plain")
                 body = server.series_zip(uid, wrong_md5=server.take_fault(server.wrong_md5, uid))
                 if server.take_fault(server.drop, uid):
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/zip")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return None
+                    return send_half_and_drop(self, body, "application/zip")
                 if server.take_fault(server.truncate, uid):
                     body = body[: len(body) * 2 // 3]
                 return self.send_body(200, body, "application/zip")

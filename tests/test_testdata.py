@@ -25,7 +25,7 @@ from hnct.testdata import (
     verify,
 )
 from hnct.testdata import main as cli
-from nbia_server import NBIAServer, write_test_series
+from nbia_server import NBIAServer, send_half_and_drop, write_test_series
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "d68253ef3b173f43067b6f9db83788bc25cf50cd"
@@ -60,15 +60,7 @@ class FileServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 server.requests[self.path] = server.requests.get(self.path, 0) + 1
                 if self.path in server.drop:
-                    body = (server.root / self.path.lstrip("/")).read_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
+                    return send_half_and_drop(self, (server.root / self.path.lstrip("/")).read_bytes())
                 super().do_GET()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))

@@ -949,6 +949,17 @@ def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
                       "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]}
 
 
+def no_label_object(reference: "sitk.Image", modality: str, series: dict[str, Any]) -> tuple["sitk.Image", dict[str, Any]]:
+    """A case without any label object of ``modality`` (RTSTRUCT, SEG): an empty label map on the
+    reference grid and a report saying so; convert excludes the case if structures are required."""
+    import SimpleITK as sitk
+
+    image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+    image.CopyInformation(reference)
+    return image, {"file": None, "note": f"no {modality} beside CT series {series['series_uid']}",
+                   "matched": {}, "roi_names": []}
+
+
 def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: dict[str, Any],
                        geometry: dict[str, Any], reference: sitk.Image,
                        structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
@@ -962,11 +973,7 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
 
     rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
     if not rt_rows:
-        # No contours at all: an empty label map; convert excludes the case if structures are required.
-        image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-        image.CopyInformation(reference)
-        return image, {"file": None, "note": f"no RTSTRUCT beside CT series {series['series_uid']}",
-                       "matched": {}, "roi_names": []}
+        return no_label_object(reference, "RTSTRUCT", series)
     usable, rejected = [], []
     for row in rt_rows:
         for file in row["files"]:

@@ -41,7 +41,7 @@ import pydicom
 import SimpleITK as sitk
 
 from hnct.common import InputError
-from hnct.dicomio import as_series_index, choose_label_object, match_structures
+from hnct.dicomio import as_series_index, choose_label_object, match_structures, no_label_object
 
 log = logging.getLogger("hnct.seg")
 
@@ -158,11 +158,7 @@ def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: d
     """The label map from the SEG under the case folder that refers to the chosen CT (module docstring)."""
     seg_rows = [row for row in as_series_index(index) if row["modality"] == "SEG"]
     if not seg_rows:
-        # No SEG at all: an empty label map; convert excludes the case if structures are required.
-        image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-        image.CopyInformation(reference)
-        return image, {"file": None, "note": f"no SEG beside CT series {series['series_uid']}",
-                       "matched": {}, "roi_names": []}
+        return no_label_object(reference, "SEG", series)
     usable, rejected = [], []
     for file in sorted(f for row in seg_rows for f in row["files"]):
         try:
