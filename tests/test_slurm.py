@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "tests" / "slurm"
 STATE_DIR = Path(os.environ.get("HNCT_SLURM_DIR", "/tmp/hnct-slurm"))
 SMALL_CONFIG = SLURM_DIR / "demo_small.yaml"
-PREPROCESS_RULES = {"convert_series", "crop_larynx", "export_slices"}
+PREPROCESS_RULES = {"demo_case", "convert_series", "crop_larynx", "export_slices"}
 # What CI cannot do: reach conda channels (no `none` for --sdm: env-modules is a no-op here, no rule
 # has envmodules:), and wait 40 s before the first status check.
 SLURM_TEST_ARGS = [
@@ -155,7 +155,7 @@ def test_demo_workflow_on_slurm_equals_local_run(slurm, tmp_path):
     local_s = time.monotonic() - started
     submitted_from = datetime.datetime.now().replace(microsecond=0)
     started = time.monotonic()
-    proc = run(demo_cmd(cluster, *SLURM_TEST_ARGS), cwd=cluster, timeout_s=420)
+    proc = run(demo_cmd(cluster, *SLURM_TEST_ARGS), cwd=cluster, timeout_s=600)
     print(f"demo (small): local {local_s:.0f} s, SLURM {time.monotonic() - started:.0f} s")
 
     train, groups = check_job_records(cluster, submitted_from)
@@ -170,7 +170,8 @@ def test_demo_workflow_on_slurm_equals_local_run(slurm, tmp_path):
     for name in ["results/exclusions.tsv", *sorted(
             str(p.relative_to(local)) for p in local.glob("results/folds/*/folds.tsv"))]:
         assert filecmp.cmp(local / name, cluster / name, shallow=False), name
-    crops = sorted(p.relative_to(local) for p in local.glob("results/crops/*.nrrd"))
+    # Each case's crop lies in its declared folder results/crops/{case}/ (volume.nrrd, label.nrrd).
+    crops = sorted(p.relative_to(local) for p in local.glob("results/crops/*/*.nrrd"))
     assert crops
     for name in crops:
         assert filecmp.cmp(local / name, cluster / name, shallow=False), name

@@ -105,6 +105,8 @@ def test_volumes_match_an_independent_dicom_read(demo_run):
 
 def test_crops_are_1mm_and_hold_the_planted_larynx(demo_run):
     checked = 0
+    cohort = pd.read_csv(demo_run / "results" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    case_dirs = dict(zip(cohort["case"], cohort["dicom_dir"]))
     for sidecar_path in sorted((demo_run / "results" / "crops").glob("*.json")):
         sidecar = json.loads(sidecar_path.read_text())
         if sidecar["status"] != "ok":
@@ -114,7 +116,9 @@ def test_crops_are_1mm_and_hold_the_planted_larynx(demo_run):
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(demo_run / sidecar["label"])))
         names = {int(k): v for k, v in sidecar["labels"].items()}
         values = {v: k for k, v in names.items()}
-        manifest = json.loads((demo_run / "results" / "demo" / "cases" / f"{sidecar['case']}.json").read_text())
+        # The demo_case rule writes one manifest per case folder (the cohort's dicom_dir).
+        manifest = json.loads((demo_run / "results" / "demo" / "cases"
+                               / f"{case_dirs[sidecar['case']]}.json").read_text())
         # The tumour (GTVp) lies wholly inside the crop: its voxels in the crop == its planted voxels.
         assert (label == values["GTVp"]).any(), sidecar["case"]
         planted = manifest["truth"]
