@@ -63,6 +63,20 @@ def write_nrrd(array, geometry: dict[str, Any], path: str | Path) -> None:
     }
     with atomic_path(path, suffix=".nrrd") as tmp:
         nrrd.write(str(tmp), np.ascontiguousarray(array), header, index_order="C")
+        _blank_write_time(tmp)
+
+
+def _blank_write_time(path: str | Path) -> None:
+    """pynrrd puts the wall-clock time in a header comment (``# on <date>(GMT).``), so the same
+    volume written twice would differ byte for byte; blank that comment in place (same length, still
+    a comment) so that a rerun rebuilds identical files."""
+    with open(path, "r+b") as fh:
+        head = fh.read(1024)
+        start = head.find(b"\n# on ") + 1
+        if start > 0:
+            end = head.index(b"\n", start)
+            fh.seek(start)
+            fh.write(b"#".ljust(end - start))
 
 
 def convert_case(
