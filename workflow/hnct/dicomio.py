@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -66,28 +67,114 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 
+# Codec packages that pydicom's pixel-data plugin registry (and its legacy handlers) import when
+# pydicom is imported, to see which plugins are usable: GDCM ~0.06 s, Pillow ~0.03 s, pylibjpeg with
+# its openjpeg / libjpeg / rle codecs and pyjpegls ~0.01-0.02 s each. A CT stored uncompressed (nearly every one) needs none of them, so hnct
+# imports pydicom with them blocked and registers the plugins again the first time anything asks
+# pydicom's registry about a compressed transfer syntax (:func:`register_pixel_plugins`).
+DEFERRED_CODECS = ("gdcm", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "PIL")
+# pydicom's plugin modules whose import probes the codecs above, and each plugin's function (the
+# labels are the module names, under pydicom.pixels.decoders / .encoders).
+_PLUGIN_FUNCTIONS = {
+    "decoders": {"gdcm": "_decode_frame", "pylibjpeg": "_decode_frame", "pyjpegls": "_decode_frame",
+                 "pillow": "_decode_frame"},
+    "encoders": {"gdcm": "encode_pixel_data", "pylibjpeg": "_encode_frame", "pyjpegls": "_encode_frame"},
+}
+_LEGACY_HANDLERS = ("gdcm_handler", "pillow_handler", "pylibjpeg_handler", "jpeg_ls_handler")
+# What the registry's CoderBase answers about plugins: wrapped until the deferred plugins are registered.
+_REGISTRY_MEMBERS = ("_validate_plugins", "is_available", "available_plugins", "missing_dependencies")
+_deferred_originals: dict[str, Any] = {}
+
+
 def _import_pydicom():
-    """Import pydicom without ``requests``, unless something imported that already.
+    """Import pydicom without ``requests`` and without the codec packages (``DEFERRED_CODECS``),
+    unless something imported pydicom (or them) already.
 
     pydicom's import loads ``pydicom.data.download``, which imports ``requests`` when it is
-    installed (0.2-0.3 s, a third of pydicom's import) only to fetch pydicom's own test files;
-    without it pydicom falls back to urllib. hnct never downloads through pydicom, and each
-    convert job is a fresh process, so the block is lifted again right after the import.
+    installed (0.2-0.3 s) only to fetch pydicom's own test files; without it pydicom falls back to
+    urllib. hnct never downloads through pydicom. Its plugin registry imports every installed
+    codec up front; with them blocked the plugins are registered as unavailable, and the
+    registry is wrapped so that its first question about a compressed transfer syntax registers
+    them for real (:func:`register_pixel_plugins`). The blocks are lifted right after the import.
     """
-    import sys
+    if "pydicom" in sys.modules:
+        import pydicom
 
-    blocked = "requests" not in sys.modules and "pydicom" not in sys.modules
-    if blocked:
-        sys.modules["requests"] = None  # type: ignore[assignment]  # `import requests` raises ImportError
+        return pydicom
+    blocked = [name for name in ("requests", *DEFERRED_CODECS) if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
     try:
         import pydicom
+        from pydicom.pixels.common import CoderBase
     finally:
-        if blocked and sys.modules.get("requests", 0) is None:
-            del sys.modules["requests"]
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    if any(name in blocked for name in DEFERRED_CODECS):
+        for member in _REGISTRY_MEMBERS:
+            _deferred_originals[member] = original = CoderBase.__dict__[member]
+            setattr(CoderBase, member, _registering(original))
     return pydicom
 
 
+def _registering(original: Any) -> Any:
+    """``original`` (a CoderBase method or property) registering the deferred plugins first when
+    the coder is for a compressed (encapsulated) transfer syntax."""
+    if isinstance(original, property):
+        def get(coder):
+            if coder.UID.is_encapsulated:
+                register_pixel_plugins()
+            return original.fget(coder)
+
+        return property(get, doc=original.__doc__)
+
+    def method(coder, *args, **kwargs):
+        if coder.UID.is_encapsulated:
+            register_pixel_plugins()
+        return original(coder, *args, **kwargs)
+
+    return method
+
+
+def register_pixel_plugins() -> None:
+    """Register the pixel-data plugins whose codecs were blocked while pydicom was imported, as
+    pydicom itself registers them (same labels, same order); a no-op once done or when nothing
+    was deferred. Called by pydicom's registry itself (wrapped) when a compressed transfer syntax
+    is decoded or encoded."""
+    if not _deferred_originals:
+        return
+    import importlib
+
+    from pydicom.pixels.common import CoderBase
+
+    for member, original in _deferred_originals.items():
+        setattr(CoderBase, member, original)
+    _deferred_originals.clear()
+    # The plugin modules and legacy handlers probed the codecs at import: probe again, in place.
+    for module in ([f"pydicom.pixels.{kind}.{label}" for kind, labels in _PLUGIN_FUNCTIONS.items() for label in labels]
+                   + [f"pydicom.pixel_data_handlers.{name}" for name in _LEGACY_HANDLERS]):
+        if module in sys.modules:
+            importlib.reload(sys.modules[module])
+    for kind, functions in _PLUGIN_FUNCTIONS.items():
+        registry = importlib.import_module(f"pydicom.pixels.{kind}.base")
+        for coder in vars(registry).values():
+            if not isinstance(coder, CoderBase):
+                continue
+            deferred = [label for label in coder._unavailable if label in functions]
+            if not deferred:
+                continue
+            # pydicom's own plugins (RLE, its native encoder) come after the codec plugins in its
+            # tables: take them out and put them back behind the re-registered ones.
+            own = {label: coder._available.pop(label) for label in list(coder._available)}
+            for label in deferred:
+                del coder._unavailable[label]
+                coder.add_plugin(label, (f"pydicom.pixels.{kind}.{label}", functions[label]))
+            coder._available.update(own)
+
+
 pydicom = _import_pydicom()
+from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.errors import InvalidDicomError  # noqa: E402
 from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
@@ -125,6 +212,7 @@ DEFER_BYTES = 16384
 SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
 INT16_MIN, INT16_MAX = -32768, 32767
+PIXEL_DATA_TAG = 0x7FE00010
 # Positions closer than this (mm along the normal) are "the same position".
 SAME_POSITION_MM = 1e-3
 # Header geometry tolerance: direction cosines and pixel spacing (mm).
@@ -653,8 +741,9 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
 
     Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
-    is read straight from the bytes with numpy: pydicom's decoder framework costs about 2 ms a
-    slice on top (a quarter of a 134-slice conversion). Its length is checked as pydicom checks
+    is read with numpy, straight from the file at the pixel data's offset when the index deferred
+    it (else from the bytes in memory): pydicom's decoder framework costs about 2 ms a slice on top
+    (a quarter of a 134-slice conversion), its deferred read another parse of the element. Its length is checked as pydicom checks
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
     extended for signed ones). Anything else goes through pydicom.
     """
@@ -667,10 +756,20 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     bits_stored = int(ds.get("BitsStored") or 16)
     if not native or not 1 <= bits_stored <= 16:
         return pixel_array(ds)
-    data = ds.PixelData
-    if len(data) != rows * cols * 2:
-        return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
-    stored = np.frombuffer(data, dtype="<i2" if ds.PixelRepresentation == 1 else "<u2").reshape(rows, cols)
+    dtype, n_bytes = ("<i2" if ds.PixelRepresentation == 1 else "<u2"), rows * cols * 2
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
+        # Deferred while indexing: read straight from the value's offset in the file, so the
+        # bytes are read once (pydicom's deferred read re-opens the file and parses the element again).
+        stored = np.fromfile(ds.filename, dtype=dtype, count=rows * cols, offset=element.value_tell)
+        if stored.size != rows * cols:
+            return pixel_array(ds)  # a truncated file: pydicom's own error
+        stored = stored.reshape(rows, cols)
+    else:
+        data = ds.get("PixelData")
+        if data is None or len(data) != n_bytes:
+            return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
+        stored = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
     if bits_stored < 16:
         shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
         stored = (stored << shift) >> shift
