@@ -171,14 +171,27 @@ def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom
     """Importing hnct.dicomio (before pydicom) imports no codec package; asking pydicom's registry
     about a compressed syntax registers the plugins exactly as a plain pydicom import does (same
     available plugins in the same order, same unavailable ones, for every decoder and encoder)."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = _base(CTImageStorage, "CT", "P1", generate_uid(), generate_uid())
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 40, 36, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    stored = np.random.default_rng(7).integers(-1024, 3000, size=(40, 36)).astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    ds.compress(JPEG2000Lossless)
+    compressed = tmp_path / "j2k.dcm"
+    ds.save_as(compressed, enforce_file_format=True)
+    assert np.array_equal(pixel_array(pydicom.dcmread(compressed)), stored)
     script = (
         "import json, sys\n"
         "if sys.argv[1] == 'hnct':\n"
         "    from hnct import dicomio\n"
         "    print(json.dumps(sorted(set(dicomio.DEFERRED_CODECS) & set(sys.modules))))\n"
-        "    from pydicom.pixels.decoders.base import JPEG2000LosslessDecoder\n"
-        "    JPEG2000LosslessDecoder.is_available  # the first question about a compressed syntax\n"
+        "    import pydicom  # the first compressed file met registers the plugins\n"
+        "    print(dicomio._stored_values(pydicom.dcmread(sys.argv[2])).tolist())\n"
         "else:\n"
+        "    print('[]')\n"
         "    print('[]')\n"
         "from pydicom.pixels.common import CoderBase\n"
         "from pydicom.pixels.decoders import base as decoders\n"
@@ -190,12 +203,14 @@ def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow"), "PATH": "/usr/bin:/bin"}
     answers = {}
     for how in ("hnct", "plain"):
-        proc = subprocess.run([sys.executable, "-c", script, how], env=env, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([sys.executable, "-c", script, how, str(compressed)], env=env, capture_output=True,
+                              text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        imported, registry = proc.stdout.strip().splitlines()[-2:]
+        imported, decoded, registry = proc.stdout.strip().splitlines()[-3:]
         assert json.loads(imported) == [], f"hnct.dicomio imported codec packages {imported}"
         answers[how] = json.loads(registry)
+        if how == "hnct":
+            assert np.array_equal(np.array(json.loads(decoded)), stored)
     assert answers["hnct"] == answers["plain"]
     assert "gdcm" in answers["plain"]["pydicom.pixels.decoders.base.JPEGLosslessSV1Decoder"][0]
 
