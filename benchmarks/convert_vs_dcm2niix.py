@@ -12,7 +12,9 @@ Series: the real LUNG1-001 CT (512 x 512 x 134, NSCLC-Radiomics, from the verifi
 of :mod:`hnct.testdata`, ``make testdata``) and
 a generated 512 x 512 x 300 series (benchmarks/preprocess.py's phantom, 1 mm slices). Each pair
 runs alternately (hnct, dcm2niix, hnct, ...) ``--repeat`` times after one warm-up of each (page
-cache filled for both); the medians give the ratio hnct / dcm2niix per series. Wall times come
+cache filled for both); each run writes into a folder cleared of its previous output (outside the
+timing: hnct would otherwise pay for deleting its last volume, while dcm2niix adds a suffix
+to the name and deletes nothing); the medians give the ratio hnct / dcm2niix per series. Wall times come
 from benchutil.run_measured (child processes, peak RSS polled). The load average before and after
 is recorded: on a shared machine, read the ratios, not the seconds.
 
@@ -74,20 +76,24 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
                  reference_checkout: Path | None = None) -> dict[str, Any]:
     out = workdir / f"out-{name}"
     out.mkdir(parents=True, exist_ok=True)
+    # tool: (command, environment, the files its previous run left, removed before each run untimed:
+    # every run writes into a folder without its earlier output, as a Snakemake job does)
     commands = {
-        "hnct": (hnct_cmd(name, folder, out), None),
+        "hnct": (hnct_cmd(name, folder, out), None, f"{name}.*"),
         "dcm2niix": ([dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
-                     None),
+                     None, f"{name}_dcm2niix*"),
     }
     if reference_checkout:
         # The same command on another checkout (e.g. before a change), to see the gain in this run.
         env = benchutil.worker_env()
         env["PYTHONPATH"] = str(reference_checkout / "workflow")
         (out / "reference").mkdir(exist_ok=True)
-        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env)
+        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env, f"reference/{name}.*")
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in commands}
     for attempt in range(repeat + 1):  # the first round warms the page cache and is not kept
-        for tool, (cmd, env) in commands.items():
+        for tool, (cmd, env, previous) in commands.items():
+            for path in out.glob(previous):
+                path.unlink()
             measured = benchutil.run_measured(cmd, timeout=timeout, env=env)
             if measured["returncode"] != 0:
                 raise SystemExit(f"{tool} failed on {folder}:\n"
