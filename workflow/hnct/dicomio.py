@@ -260,6 +260,33 @@ def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     return _text(value)
 
 
+def _uint(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A single-valued US element (Rows, BitsAllocated, ...) as ``ds.get(keyword)`` gives it, read
+    from its raw little-endian bytes when pydicom has not converted it yet: each conversion costs
+    tens of microseconds, and convert reads a dozen such values of every slice."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if (isinstance(value, bytes) and len(value) == 2 and getattr(element, "is_little_endian", False)
+            and getattr(element, "VR", "US") in ("US", None)):  # VR None: implicit VR, US by the dictionary
+        return int.from_bytes(value, "little")
+    return ds.get(keyword)
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: float) -> float:
+    """A single-valued DS/IS element as a float (``default`` when absent or empty), parsed from its
+    raw text (see :func:`_ascii`); anything else (several values, bad text) through pydicom's own
+    conversion and its error."""
+    text = _ascii(ds, keyword)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        return float(ds.get(keyword))
+
+
 def _iter_files(folder: Path) -> Iterable[Path]:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -386,7 +413,7 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
             skipped.append((str(path), "non-DICOM files", f"not readable as DICOM: {type(err).__name__}: {err}"))
             continue
-        n_frames = int(ds.get("NumberOfFrames") or 1)
+        n_frames = int(_number(ds, "NumberOfFrames", 1) or 1)
         multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
         frames = list(range(n_frames)) if multi else [None]
         first = _frame_geometry(ds, frames[0])
@@ -408,8 +435,8 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
             "series_number": _ascii(ds, "SeriesNumber"),
             "image_type": _ascii(ds, "ImageType").upper(),
             "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
-            "rows": int(ds.get("Rows") or 0),
-            "cols": int(ds.get("Columns") or 0),
+            "rows": int(_uint(ds, "Rows") or 0),
+            "cols": int(_uint(ds, "Columns") or 0),
             "manufacturer": _text(ds.get("Manufacturer")),
             "model": _text(ds.get("ManufacturerModelName")),
             "kernel": _text(ds.get("ConvolutionKernel")),
@@ -721,8 +748,8 @@ def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
     Transformation functional group."""
     transform = _frame_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
     source = transform or ds
-    slope = float(source.get("RescaleSlope", 1) or 1)
-    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    slope = _number(source, "RescaleSlope", 1.0) or 1.0
+    intercept = _number(source, "RescaleIntercept", 0.0) or 0.0
     if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
         return stored, int(intercept)
     if transform is not None:
@@ -747,16 +774,16 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
     extended for signed ones). Anything else goes through pydicom.
     """
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = int(_uint(ds, "Rows") or 0), int(_uint(ds, "Columns") or 0)
     native = (getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
               in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-              and ds.get("BitsAllocated") == 16 and int(ds.get("SamplesPerPixel") or 1) == 1
-              and int(ds.get("NumberOfFrames") or 1) == 1 and ds.get("PixelRepresentation") in (0, 1)
+              and _uint(ds, "BitsAllocated") == 16 and int(_uint(ds, "SamplesPerPixel") or 1) == 1
+              and int(_number(ds, "NumberOfFrames", 1) or 1) == 1 and _uint(ds, "PixelRepresentation") in (0, 1)
               and "PerFrameFunctionalGroupsSequence" not in ds)
-    bits_stored = int(ds.get("BitsStored") or 16)
+    bits_stored = int(_uint(ds, "BitsStored") or 16)
     if not native or not 1 <= bits_stored <= 16:
         return pixel_array(ds)
-    dtype, n_bytes = ("<i2" if ds.PixelRepresentation == 1 else "<u2"), rows * cols * 2
+    dtype, n_bytes = ("<i2" if _uint(ds, "PixelRepresentation") == 1 else "<u2"), rows * cols * 2
     element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
     if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
         # Deferred while indexing: read straight from the value's offset in the file, so the
