@@ -215,6 +215,24 @@ def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom
     assert "gdcm" in answers["plain"]["pydicom.pixels.decoders.base.JPEGLosslessSV1Decoder"][0]
 
 
+def test_index_decodes_series_text_in_each_files_character_set(tmp_path):
+    """The same raw bytes are different text in different character sets: the index's text
+    (decoded once per distinct value) follows each file's SpecificCharacterSet."""
+    descriptions = {"ISO_IR 100": "Kopf é", "ISO_IR 144": "Kopf щ"}  # both b"Kopf \xe9" in the file
+    written = {}
+    for charset, description in descriptions.items():
+        series = write_ct_series(tmp_path / charset.replace(" ", "_"), 2, names=lambda k: f"{k}.dcm")
+        for path in sorted((tmp_path / charset.replace(" ", "_")).iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.SpecificCharacterSet, ds.SeriesDescription, ds.Manufacturer = charset, description, description
+            ds.save_as(path)
+            assert path.read_bytes().count(b"Kopf \xe9") == 2
+        written[series["series_uid"]] = description
+    index = dicomio.scan_series(tmp_path)
+    assert {row["series_uid"]: row["series_description"] for row in index} == written
+    assert {row["series_uid"]: row["manufacturer"] for row in index} == written
+
+
 def test_index_groups_by_series_uid_not_folder_and_notes_non_dicom(tmp_path):
     a = write_ct_series(tmp_path / "mixed", 3, names=lambda k: f"a{k}.dcm")
     b = write_ct_series(tmp_path / "mixed", 4, names=lambda k: f"b{k}.dcm", patient="P1")

@@ -260,6 +260,27 @@ def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     return _text(value)
 
 
+# Decoded text elements by (keyword, raw bytes, VR, SpecificCharacterSet): see _series_text.
+_TEXT_CACHE: dict[tuple[str, bytes, str | None, str], str] = {}
+TEXT_CACHE_SIZE = 4096
+
+
+def _series_text(ds: pydicom.Dataset, keyword: str) -> str:
+    """``_text(ds.get(keyword))`` for a character-set dependent text element (LO, SH, ...), decoded
+    by pydicom once per distinct raw value and character set: every file of a series repeats its
+    patient, description and scanner, and each decoding costs tens of microseconds."""
+    element = ds.get_item(keyword)
+    value = getattr(element, "value", None)
+    if not isinstance(value, (bytes, bytearray)):
+        return _text(ds.get(keyword))
+    key = (keyword, bytes(value), element.VR, _ascii(ds, "SpecificCharacterSet"))
+    if key not in _TEXT_CACHE:
+        if len(_TEXT_CACHE) >= TEXT_CACHE_SIZE:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = _text(ds.get(keyword))
+    return _TEXT_CACHE[key]
+
+
 def _uint(ds: pydicom.Dataset, keyword: str) -> int | None:
     """A single-valued US element (Rows, BitsAllocated, ...) as ``ds.get(keyword)`` gives it, read
     from its raw little-endian bytes when pydicom has not converted it yet: each conversion costs
@@ -427,19 +448,19 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         common = {
             "file": str(path),
             "sop_uid": _ascii(ds, "SOPInstanceUID"),
-            "patient_id": _text(ds.get("PatientID")),
+            "patient_id": _series_text(ds, "PatientID"),
             "study_uid": _ascii(ds, "StudyInstanceUID"),
             "series_uid": _ascii(ds, "SeriesInstanceUID"),
             "modality": _ascii(ds, "Modality").upper(),
-            "series_description": _text(ds.get("SeriesDescription")),
+            "series_description": _series_text(ds, "SeriesDescription"),
             "series_number": _ascii(ds, "SeriesNumber"),
             "image_type": _ascii(ds, "ImageType").upper(),
             "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
             "rows": int(_uint(ds, "Rows") or 0),
             "cols": int(_uint(ds, "Columns") or 0),
-            "manufacturer": _text(ds.get("Manufacturer")),
-            "model": _text(ds.get("ManufacturerModelName")),
-            "kernel": _text(ds.get("ConvolutionKernel")),
+            "manufacturer": _series_text(ds, "Manufacturer"),
+            "model": _series_text(ds, "ManufacturerModelName"),
+            "kernel": _series_text(ds, "ConvolutionKernel"),
             "instance_number": _ascii(ds, "InstanceNumber"),
             "gantry_tilt": (_floats(_ascii(ds, "GantryDetectorTilt")) or [None])[0],
         }
