@@ -69,9 +69,10 @@ import numpy as np
 
 # Codec packages that pydicom's pixel-data plugin registry (and its legacy handlers) import when
 # pydicom is imported, to see which plugins are usable: GDCM ~0.06 s, Pillow ~0.03 s, pylibjpeg with
-# its openjpeg / libjpeg / rle codecs and pyjpegls ~0.01-0.02 s each. A CT stored uncompressed (nearly every one) needs none of them, so hnct
-# imports pydicom with them blocked and registers the plugins again the first time anything asks
-# pydicom's registry about a compressed transfer syntax (:func:`register_pixel_plugins`).
+# its openjpeg / libjpeg / rle codecs and pyjpegls ~0.01-0.02 s each. A CT stored uncompressed
+# (nearly every one) needs none of them, so hnct imports pydicom with them blocked and registers
+# the plugins again the first time anything asks pydicom's registry about a compressed transfer
+# syntax (:func:`register_pixel_plugins`).
 DEFERRED_CODECS = ("gdcm", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "PIL")
 # pydicom's plugin modules whose import probes the codecs above, and each plugin's function (the
 # labels are the module names, under pydicom.pixels.decoders / .encoders).
@@ -80,6 +81,9 @@ _PLUGIN_FUNCTIONS = {
                  "pillow": "_decode_frame"},
     "encoders": {"gdcm": "encode_pixel_data", "pylibjpeg": "_encode_frame", "pyjpegls": "_encode_frame"},
 }
+# The order of the plugins in every table of pydicom 3.0 that has them; pydicom's own (its RLE
+# decoder, its native encoder) after them.
+PLUGIN_ORDER = ("gdcm", "pylibjpeg", "pyjpegls", "pillow")
 _LEGACY_HANDLERS = ("gdcm_handler", "pillow_handler", "pylibjpeg_handler", "jpeg_ls_handler")
 # What the registry's CoderBase answers about plugins: wrapped until the deferred plugins are registered.
 _REGISTRY_MEMBERS = ("_validate_plugins", "is_available", "available_plugins", "missing_dependencies")
@@ -164,13 +168,13 @@ def register_pixel_plugins() -> None:
             deferred = [label for label in coder._unavailable if label in functions]
             if not deferred:
                 continue
-            # pydicom's own plugins (RLE, its native encoder) come after the codec plugins in its
-            # tables: take them out and put them back behind the re-registered ones.
-            own = {label: coder._available.pop(label) for label in list(coder._available)}
             for label in deferred:
                 del coder._unavailable[label]
                 coder.add_plugin(label, (f"pydicom.pixels.{kind}.{label}", functions[label]))
-            coder._available.update(own)
+            # The order is the order plugins are tried in: pydicom's tables' (PLUGIN_ORDER).
+            ranked = sorted(coder._available, key=lambda label: PLUGIN_ORDER.index(label)
+                            if label in PLUGIN_ORDER else len(PLUGIN_ORDER))
+            coder._available = {label: coder._available[label] for label in ranked}
 
 
 pydicom = _import_pydicom()
