@@ -145,7 +145,9 @@ def register_pixel_plugins() -> None:
     """Register the pixel-data plugins whose codecs were blocked while pydicom was imported, as
     pydicom itself registers them (same labels, same order); a no-op once done or when nothing
     was deferred. Called by pydicom's registry itself (wrapped) when a compressed transfer syntax
-    is decoded or encoded."""
+    is decoded or encoded. It works on the coders' plugin tables (``_available``,
+    ``_unavailable``: private in the pinned pydicom 3.0.2), so a test compares the registry it
+    leaves with a plain pydicom import's."""
     if not _deferred_originals:
         return
     import importlib
