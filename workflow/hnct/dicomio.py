@@ -567,6 +567,15 @@ def choose_ct_series(case: str, folder: str | os.PathLike, index: "SeriesIndex |
 # ----------------------------------------------------------------------------- reading the CT
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array without NaNs, to the bit (the mean of the two middle
+    values of an even count), without the ``numpy.ma`` import (~0.02 s) that np.median's NaN
+    check makes."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle] if len(ordered) % 2 else np.mean(ordered[middle - 1:middle + 1]))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
@@ -664,7 +673,7 @@ def slice_geometry(case: str, series: dict[str, Any], *, gantry_tilt: str = "cor
     uneven = spread > max_spacing_spread
     if uneven and steps.max() > max_slice_gap_mm:
         raise _gap_error(case, uid, files, along, steps, spread, max_spacing_spread, max_slice_gap_mm)
-    spacing_z = float(slice_step_mm or (steps.min() if uneven else np.median(steps)))
+    spacing_z = float(slice_step_mm or (steps.min() if uneven else _median(steps)))
     sx, sy = float(ps0[1]), float(ps0[0])  # PixelSpacing is [between rows (y), between columns (x)]
     cols, rows = int(instances[0]["cols"]), int(instances[0]["rows"])
     summary: dict[str, Any] = {
