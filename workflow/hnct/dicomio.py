@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -66,28 +67,120 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 
+# Codec packages that pydicom's pixel-data plugin registry (and its legacy handlers) import when
+# pydicom is imported, to see which plugins are usable: GDCM ~0.06 s, Pillow ~0.03 s, pylibjpeg with
+# its openjpeg / libjpeg / rle codecs and pyjpegls ~0.01-0.02 s each. A CT stored uncompressed
+# (nearly every one) needs none of them, so hnct imports pydicom with them blocked and registers
+# the plugins again the first time anything asks pydicom's registry about a compressed transfer
+# syntax (:func:`register_pixel_plugins`).
+DEFERRED_CODECS = ("gdcm", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "PIL")
+# pydicom's plugin modules whose import probes the codecs above, and each plugin's function (the
+# labels are the module names, under pydicom.pixels.decoders / .encoders).
+_PLUGIN_FUNCTIONS = {
+    "decoders": {"gdcm": "_decode_frame", "pylibjpeg": "_decode_frame", "pyjpegls": "_decode_frame",
+                 "pillow": "_decode_frame"},
+    "encoders": {"gdcm": "encode_pixel_data", "pylibjpeg": "_encode_frame", "pyjpegls": "_encode_frame"},
+}
+# The order of the plugins in every table of pydicom 3.0 that has them; pydicom's own (its RLE
+# decoder, its native encoder) after them.
+PLUGIN_ORDER = ("gdcm", "pylibjpeg", "pyjpegls", "pillow")
+_LEGACY_HANDLERS = ("gdcm_handler", "pillow_handler", "pylibjpeg_handler", "jpeg_ls_handler")
+# What the registry's CoderBase answers about plugins: wrapped until the deferred plugins are registered.
+_REGISTRY_MEMBERS = ("_validate_plugins", "is_available", "available_plugins", "missing_dependencies")
+_deferred_originals: dict[str, Any] = {}
+
+
 def _import_pydicom():
-    """Import pydicom without ``requests``, unless something imported that already.
+    """Import pydicom without ``requests`` and without the codec packages (``DEFERRED_CODECS``),
+    unless something imported pydicom (or them) already.
 
     pydicom's import loads ``pydicom.data.download``, which imports ``requests`` when it is
-    installed (0.2-0.3 s, a third of pydicom's import) only to fetch pydicom's own test files;
-    without it pydicom falls back to urllib. hnct never downloads through pydicom, and each
-    convert job is a fresh process, so the block is lifted again right after the import.
+    installed (0.2-0.3 s) only to fetch pydicom's own test files; without it pydicom falls back to
+    urllib. hnct never downloads through pydicom. Its plugin registry imports every installed
+    codec up front; with them blocked the plugins are registered as unavailable, and the
+    registry is wrapped so that its first question about a compressed transfer syntax registers
+    them for real (:func:`register_pixel_plugins`). The blocks are lifted right after the import.
     """
-    import sys
+    if "pydicom" in sys.modules:
+        import pydicom
 
-    blocked = "requests" not in sys.modules and "pydicom" not in sys.modules
-    if blocked:
-        sys.modules["requests"] = None  # type: ignore[assignment]  # `import requests` raises ImportError
+        return pydicom
+    blocked = [name for name in ("requests", *DEFERRED_CODECS) if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
     try:
         import pydicom
+        from pydicom.pixels.common import CoderBase
     finally:
-        if blocked and sys.modules.get("requests", 0) is None:
-            del sys.modules["requests"]
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    if any(name in blocked for name in DEFERRED_CODECS):
+        for member in _REGISTRY_MEMBERS:
+            _deferred_originals[member] = original = CoderBase.__dict__[member]
+            setattr(CoderBase, member, _registering(original))
     return pydicom
 
 
+def _registering(original: Any) -> Any:
+    """``original`` (a CoderBase method or property) registering the deferred plugins first when
+    the coder is for a compressed (encapsulated) transfer syntax."""
+    if isinstance(original, property):
+        def get(coder):
+            if coder.UID.is_encapsulated:
+                register_pixel_plugins()
+            return original.fget(coder)
+
+        return property(get, doc=original.__doc__)
+
+    def method(coder, *args, **kwargs):
+        if coder.UID.is_encapsulated:
+            register_pixel_plugins()
+        return original(coder, *args, **kwargs)
+
+    return method
+
+
+def register_pixel_plugins() -> None:
+    """Register the pixel-data plugins whose codecs were blocked while pydicom was imported, as
+    pydicom itself registers them (same labels, same order); a no-op once done or when nothing
+    was deferred. Called by pydicom's registry itself (wrapped) when a compressed transfer syntax
+    is decoded or encoded. It works on the coders' plugin tables (``_available``,
+    ``_unavailable``: private in the pinned pydicom 3.0.2), so a test compares the registry it
+    leaves with a plain pydicom import's."""
+    if not _deferred_originals:
+        return
+    import importlib
+
+    from pydicom.pixels.common import CoderBase
+
+    for member, original in _deferred_originals.items():
+        setattr(CoderBase, member, original)
+    _deferred_originals.clear()
+    # The plugin modules and legacy handlers probed the codecs at import: probe again, in place.
+    for module in ([f"pydicom.pixels.{kind}.{label}" for kind, labels in _PLUGIN_FUNCTIONS.items() for label in labels]
+                   + [f"pydicom.pixel_data_handlers.{name}" for name in _LEGACY_HANDLERS]):
+        if module in sys.modules:
+            importlib.reload(sys.modules[module])
+    for kind, functions in _PLUGIN_FUNCTIONS.items():
+        registry = importlib.import_module(f"pydicom.pixels.{kind}.base")
+        for coder in vars(registry).values():
+            if not isinstance(coder, CoderBase):
+                continue
+            deferred = [label for label in coder._unavailable if label in functions]
+            if not deferred:
+                continue
+            for label in deferred:
+                del coder._unavailable[label]
+                coder.add_plugin(label, (f"pydicom.pixels.{kind}.{label}", functions[label]))
+            # The order is the order plugins are tried in: pydicom's tables' (PLUGIN_ORDER).
+            ranked = sorted(coder._available, key=lambda label: PLUGIN_ORDER.index(label)
+                            if label in PLUGIN_ORDER else len(PLUGIN_ORDER))
+            coder._available = {label: coder._available[label] for label in ranked}
+
+
 pydicom = _import_pydicom()
+from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.errors import InvalidDicomError  # noqa: E402
 from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
@@ -125,6 +218,7 @@ DEFER_BYTES = 16384
 SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
 INT16_MIN, INT16_MAX = -32768, 32767
+PIXEL_DATA_TAG = 0x7FE00010
 # Positions closer than this (mm along the normal) are "the same position".
 SAME_POSITION_MM = 1e-3
 # Header geometry tolerance: direction cosines and pixel spacing (mm).
@@ -170,6 +264,54 @@ def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     if isinstance(value, (bytes, bytearray)):
         return value.decode("ascii", "replace").strip(" \0")
     return _text(value)
+
+
+# Decoded text elements by (keyword, raw bytes, VR, SpecificCharacterSet): see _series_text.
+_TEXT_CACHE: dict[tuple[str, bytes, str | None, str], str] = {}
+TEXT_CACHE_SIZE = 4096
+
+
+def _series_text(ds: pydicom.Dataset, keyword: str) -> str:
+    """``_text(ds.get(keyword))`` for a character-set dependent text element (LO, SH, ...), decoded
+    by pydicom once per distinct raw value and character set: every file of a series repeats its
+    patient, description and scanner, and each decoding costs tens of microseconds."""
+    element = ds.get_item(keyword)
+    value = getattr(element, "value", None)
+    if not isinstance(value, (bytes, bytearray)):
+        return _text(ds.get(keyword))
+    key = (keyword, bytes(value), element.VR, _ascii(ds, "SpecificCharacterSet"))
+    if key not in _TEXT_CACHE:
+        if len(_TEXT_CACHE) >= TEXT_CACHE_SIZE:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = _text(ds.get(keyword))
+    return _TEXT_CACHE[key]
+
+
+def _uint(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A single-valued US element (Rows, BitsAllocated, ...) as ``ds.get(keyword)`` gives it, read
+    from its raw little-endian bytes when pydicom has not converted it yet: each conversion costs
+    tens of microseconds, and convert reads a dozen such values of every slice."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if (isinstance(value, bytes) and len(value) == 2 and getattr(element, "is_little_endian", False)
+            and getattr(element, "VR", "US") in ("US", None)):  # VR None: implicit VR, US by the dictionary
+        return int.from_bytes(value, "little")
+    return ds.get(keyword)
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: float) -> float:
+    """A single-valued DS/IS element as a float (``default`` when absent or empty), parsed from its
+    raw text (see :func:`_ascii`); anything else (several values, bad text) through pydicom's own
+    conversion and its error."""
+    text = _ascii(ds, keyword)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        return float(ds.get(keyword))
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -298,7 +440,7 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
             skipped.append((str(path), "non-DICOM files", f"not readable as DICOM: {type(err).__name__}: {err}"))
             continue
-        n_frames = int(ds.get("NumberOfFrames") or 1)
+        n_frames = int(_number(ds, "NumberOfFrames", 1) or 1)
         multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
         frames = list(range(n_frames)) if multi else [None]
         first = _frame_geometry(ds, frames[0])
@@ -312,19 +454,19 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         common = {
             "file": str(path),
             "sop_uid": _ascii(ds, "SOPInstanceUID"),
-            "patient_id": _text(ds.get("PatientID")),
+            "patient_id": _series_text(ds, "PatientID"),
             "study_uid": _ascii(ds, "StudyInstanceUID"),
             "series_uid": _ascii(ds, "SeriesInstanceUID"),
             "modality": _ascii(ds, "Modality").upper(),
-            "series_description": _text(ds.get("SeriesDescription")),
+            "series_description": _series_text(ds, "SeriesDescription"),
             "series_number": _ascii(ds, "SeriesNumber"),
             "image_type": _ascii(ds, "ImageType").upper(),
             "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
-            "rows": int(ds.get("Rows") or 0),
-            "cols": int(ds.get("Columns") or 0),
-            "manufacturer": _text(ds.get("Manufacturer")),
-            "model": _text(ds.get("ManufacturerModelName")),
-            "kernel": _text(ds.get("ConvolutionKernel")),
+            "rows": int(_uint(ds, "Rows") or 0),
+            "cols": int(_uint(ds, "Columns") or 0),
+            "manufacturer": _series_text(ds, "Manufacturer"),
+            "model": _series_text(ds, "ManufacturerModelName"),
+            "kernel": _series_text(ds, "ConvolutionKernel"),
             "instance_number": _ascii(ds, "InstanceNumber"),
             "gantry_tilt": (_floats(_ascii(ds, "GantryDetectorTilt")) or [None])[0],
         }
@@ -425,6 +567,15 @@ def choose_ct_series(case: str, folder: str | os.PathLike, index: "SeriesIndex |
 # ----------------------------------------------------------------------------- reading the CT
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array without NaNs, to the bit (the mean of the two middle
+    values of an even count), without the ``numpy.ma`` import (~0.02 s) that np.median's NaN
+    check makes."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle] if len(ordered) % 2 else np.mean(ordered[middle - 1:middle + 1]))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
@@ -522,7 +673,7 @@ def slice_geometry(case: str, series: dict[str, Any], *, gantry_tilt: str = "cor
     uneven = spread > max_spacing_spread
     if uneven and steps.max() > max_slice_gap_mm:
         raise _gap_error(case, uid, files, along, steps, spread, max_spacing_spread, max_slice_gap_mm)
-    spacing_z = float(slice_step_mm or (steps.min() if uneven else np.median(steps)))
+    spacing_z = float(slice_step_mm or (steps.min() if uneven else _median(steps)))
     sx, sy = float(ps0[1]), float(ps0[0])  # PixelSpacing is [between rows (y), between columns (x)]
     cols, rows = int(instances[0]["cols"]), int(instances[0]["rows"])
     summary: dict[str, Any] = {
@@ -633,8 +784,8 @@ def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
     Transformation functional group."""
     transform = _frame_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
     source = transform or ds
-    slope = float(source.get("RescaleSlope", 1) or 1)
-    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    slope = _number(source, "RescaleSlope", 1.0) or 1.0
+    intercept = _number(source, "RescaleIntercept", 0.0) or 0.0
     if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
         return stored, int(intercept)
     if transform is not None:
@@ -653,24 +804,35 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
 
     Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
-    is read straight from the bytes with numpy: pydicom's decoder framework costs about 2 ms a
-    slice on top (a quarter of a 134-slice conversion). Its length is checked as pydicom checks
+    is read with numpy, straight from the file at the pixel data's offset when the index deferred
+    it (else from the bytes in memory): pydicom's decoder framework costs about 2 ms a slice on top
+    (a quarter of a 134-slice conversion), its deferred read another parse of the element. Its length is checked as pydicom checks
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
     extended for signed ones). Anything else goes through pydicom.
     """
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = int(_uint(ds, "Rows") or 0), int(_uint(ds, "Columns") or 0)
     native = (getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
               in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-              and ds.get("BitsAllocated") == 16 and int(ds.get("SamplesPerPixel") or 1) == 1
-              and int(ds.get("NumberOfFrames") or 1) == 1 and ds.get("PixelRepresentation") in (0, 1)
+              and _uint(ds, "BitsAllocated") == 16 and int(_uint(ds, "SamplesPerPixel") or 1) == 1
+              and int(_number(ds, "NumberOfFrames", 1) or 1) == 1 and _uint(ds, "PixelRepresentation") in (0, 1)
               and "PerFrameFunctionalGroupsSequence" not in ds)
-    bits_stored = int(ds.get("BitsStored") or 16)
+    bits_stored = int(_uint(ds, "BitsStored") or 16)
     if not native or not 1 <= bits_stored <= 16:
         return pixel_array(ds)
-    data = ds.PixelData
-    if len(data) != rows * cols * 2:
-        return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
-    stored = np.frombuffer(data, dtype="<i2" if ds.PixelRepresentation == 1 else "<u2").reshape(rows, cols)
+    dtype, n_bytes = ("<i2" if _uint(ds, "PixelRepresentation") == 1 else "<u2"), rows * cols * 2
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
+        # Deferred while indexing: read straight from the value's offset in the file, so the
+        # bytes are read once (pydicom's deferred read re-opens the file and parses the element again).
+        stored = np.fromfile(ds.filename, dtype=dtype, count=rows * cols, offset=element.value_tell)
+        if stored.size != rows * cols:
+            return pixel_array(ds)  # a truncated file: pydicom's own error
+        stored = stored.reshape(rows, cols)
+    else:
+        data = ds.get("PixelData")
+        if data is None or len(data) != n_bytes:
+            return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
+        stored = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
     if bits_stored < 16:
         shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
         stored = (stored << shift) >> shift
