@@ -47,13 +47,14 @@ rule convert_series:
         dicom_dir=get_case_dicom_dir,
         series_uid=hnct.convert.series_uid_param(COHORT),
         upstream=get_upstream_fetch,
-        labels=CONVERT_LABEL_ARGS,
+        # A function: Snakemake would read the braces of a string (JSON, {dicom_dir}) as wildcards.
+        labels=lambda wildcards: CONVERT_LABEL_ARGS,
         gantry_tilt=config["convert"]["gantry_tilt"],
         max_tilt_deg=config["convert"]["max_tilt_deg"],
         max_spacing_spread=config["convert"]["max_spacing_spread"],
         max_slice_gap_mm=config["convert"]["max_slice_gap_mm"],
         slice_step_mm=config["convert"]["slice_step_mm"],
-        code=code_version("convert", "dicomio", "seg"),
+        code=code_version("convert", "dicomio", "seg", "structures"),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --series-uid {params.series_uid:q} --upstream {params.upstream:q}"
@@ -65,3 +66,29 @@ rule convert_series:
         " --max-spacing-spread {params.max_spacing_spread} --max-slice-gap-mm {params.max_slice_gap_mm}"
         " --slice-step-mm {params.slice_step_mm}"
         " --log {log:q}"
+
+
+# The ROI names no case could match to a structure (hnct.roi_table): one names x cases table in the
+# report, so that nothing the label objects held is dropped silently.
+rule tabulate_unmatched_rois:
+    input:
+        sidecars=expand("results/volumes/{case}.json", case=CASES),
+    output:
+        tsv=report(
+            "results/report/unmatched_rois.tsv",
+            category="Cohort",
+            caption="../report/unmatched_rois.rst",
+        ),
+    log:
+        "logs/tabulate_unmatched_rois/all.log",
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        code=code_version("roi_table"),
+    shell:
+        "python -m hnct.roi_table --sidecars {input.sidecars:q} --out {output.tsv:q} --log {log:q}"
