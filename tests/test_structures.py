@@ -304,3 +304,25 @@ def test_demo_cases_bring_their_organs_at_risk_from_both_sources(tmp_path):
         assert across_mm["A_Vertebral_L"] < 5.0 < 10.0 < across_mm["Trachea"]  # sizes very different
         mm3 = float(np.prod(sidecar["spacing"]))
         assert entries["Thyroid_L"]["voxels"] * mm3 < 1.3 * 4 / 3 * np.pi * np.prod(demo_oar.THYROID_SEMI)
+
+
+@pytest.mark.parametrize("name,n_structures", [("hanseg", 30), ("segrap", 45), ("config", 12)])
+def test_mask_cohort_configs_are_valid_and_name_distinct_structures(name, n_structures):
+    """hanseg.yaml (HaN-Seg's 30 OARs, IDs = order), segrap.yaml (45) and the demo pass the schema
+    (tasks aside: the oar task registers itself) and have no duplicate or ambiguous names."""
+    yaml = pytest.importorskip("yaml")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    jsonschema.validate({k: v for k, v in config.items() if k != "tasks"}, schema)
+    convert = config["convert"]
+    assert len(convert["structures"]) == n_structures
+    check_structures(convert["structures"], convert["structure_names"])
+    names = convert["structures"]
+    for structure in names:  # every name reaches itself and nothing else
+        assert harmonise(names, [structure], convert["structure_names"])["matched"] == {
+            structure: {"roi": structure, "how": "exact"}}
+    if name == "hanseg":
+        assert names[0] == "A_Carotid_L" and names[29] == "SpinalCord" and names == sorted(names, key=str.lower)
+        got = harmonise(names, ["Eye_L", "Lens_R"], convert["structure_names"])["matched"]
+        assert {s: m["roi"] for s, m in got.items()} == {"Eye_AL": "Eye_L", "Eye_PR": "Lens_R"}
