@@ -279,8 +279,9 @@ def dicom_root_param(wildcards, output) -> str:
 
 
 def case_files(row: pd.Series) -> list[str]:
-    """The exact files :func:`write_case` writes for ``row``, relative to the DICOM root."""
-    return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]] + demo_oar.mask_files(row)
+    """The exact DICOM files :func:`write_case` writes for ``row``, relative to the DICOM root (the
+    organs-at-risk mask folder some cases get besides: :func:`hnct.demo_oar.mask_files`)."""
+    return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]]
 
 
 # ----------------------------------------------------------------------------------- anatomy
@@ -521,12 +522,11 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
                 node_mask |= _ellipsoid(node["centre"], node["semi_axes"], z, X, Y)
             contours["GTVn"] += [(k, c) for c in _mask_contours(node_mask, geo, z)]
             contours["Larynx"] += [(k, c) for c in _mask_contours(_larynx_mask(anat, z, X, Y), geo, z)]
-        oar_files = demo_oar.add_oars(row, anat, geo, dicom_root, contours, _mask_contours)
+        demo_oar.add_oars(row, anat, geo, dicom_root, contours, _mask_contours)
         rt = by_key["rtstruct"]
         ds = _rtstruct_dataset(row, rt, s, slice_uids, contours)
         _write_dataset(ds, dicom_root / rt["folder"] / rt["files"][0])
         written.append(f"{rt['folder']}/{rt['files'][0]}")
-        written += oar_files
 
     expected = case_files(row)
     if written != expected:  # a bug, not bad input: the declared outputs must match

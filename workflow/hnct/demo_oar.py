@@ -204,6 +204,6 @@ def _write_mask_folder(row, geo: dict[str, Any], volumes: dict[str, np.ndarray],
 def truth(row) -> dict[str, Any]:
     """What the manifest records of the case's organs at risk."""
     source = oar_source(row)
-    return {"source": source, "contoured": contoured(row) if source != "none" else [],
+    return {"source": source, "contoured": contoured(row) if source != "none" else [], "files": mask_files(row),
             "roi_names": {s: roi_name(row, s) for s in contoured(row)} if source == "rtstruct" else {},
             "hu": HU}
