@@ -503,11 +503,11 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
         present = [k for k in range(n) if k != missing]
         # InstanceNumber 1 = most superior slice (scanner order); file 1-001 = instance 1.
         present_desc = sorted(present, reverse=True)
-        oar_rng = np.random.default_rng([int(row["pixel_seed"]), 13])  # organs at risk (hnct.demo_oar)
+        oar, oar_rng = demo_oar.Phantom(anat, X, Y), np.random.default_rng([int(row["pixel_seed"]), 13])
         for name, k in zip(s["files"], present_desc):
             region = _region_slice(anat, zs[k], geo["xs"], geo["ys"])
             hu = REGION_HU[region] + noise_rng.normal(0, NOISE_HU, region.shape).astype(np.float32)
-            demo_oar.paint_hu(hu, region, anat, zs[k], X, Y, oar_rng)
+            oar.paint_hu(hu, region, zs[k], oar_rng)  # organs at risk (hnct.demo_oar)
             stored = np.clip(np.rint(hu), -1024, 3071) + 1024
             ds = _image_dataset(row, s, slice_uids[k], stored, signed=True)
             _ct_attributes(ds, row)
@@ -522,7 +522,7 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
                 node_mask |= _ellipsoid(node["centre"], node["semi_axes"], z, X, Y)
             contours["GTVn"] += [(k, c) for c in _mask_contours(node_mask, geo, z)]
             contours["Larynx"] += [(k, c) for c in _mask_contours(_larynx_mask(anat, z, X, Y), geo, z)]
-        demo_oar.add_oars(row, anat, geo, dicom_root, contours, _mask_contours)
+        demo_oar.add_oars(row, oar, geo, dicom_root, contours)
         rt = by_key["rtstruct"]
         ds = _rtstruct_dataset(row, rt, s, slice_uids, contours)
         _write_dataset(ds, dicom_root / rt["folder"] / rt["files"][0])

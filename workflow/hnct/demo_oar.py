@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -92,61 +92,69 @@ def roi_name(row, structure: str) -> str:
     return names[_pick(row["case"], structure, "roi-name") % len(names)]
 
 
-def _places(anat: dict[str, Any]) -> dict[str, Any]:
-    from hnct import demo
+class Phantom:
+    """One case's organs at risk on its axial pixel grid (``X``, ``Y``: LPS mm of the pixel centres,
+    rows = y, cols = x): the shapes that do not change along z are made once, the slices from them."""
 
-    cx, cy, cz = anat["larynx_centre"]
-    nx, ny = anat["neck_centre"]
-    airway = anat.get("cartilage", {}).get("airway_radius_mm", demo.AIRWAY_RADIUS)
-    return {"cx": cx, "cy": cy, "cz": cz, "nx": nx, "ny": ny, "airway": airway,
-            "below_cricoid": cz + demo.CRICOID_Z[0], "vertebra": (nx, ny + 18.0)}
+    def __init__(self, anat: dict[str, Any], X: np.ndarray, Y: np.ndarray):
+        from hnct import demo
 
+        self.tissue_codes = (demo.SOFT, demo.FAT, demo.FAT_PAD)
+        self.noise_hu = demo.NOISE_HU
+        cx, cy, cz = anat["larynx_centre"]
+        nx, ny = anat["neck_centre"]
+        airway = anat.get("cartilage", {}).get("airway_radius_mm", demo.AIRWAY_RADIUS)
+        self.below_cricoid = cz + demo.CRICOID_Z[0]
+        self.thyroid_z = self.below_cricoid - THYROID_BELOW_CRICOID
+        vx, vy = nx, ny + 18.0  # the vertebral body's centre (hnct.demo._region_slice)
+        oy = cy + airway + OESOPHAGUS_GAP + OESOPHAGUS_SEMI[1]
 
-def slice_masks(anat: dict[str, Any], z: float, X: np.ndarray, Y: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean (rows, cols) mask of every organ at risk on the axial plane at ``z`` (LPS mm)."""
-    p = _places(anat)
-    cx, cy = p["cx"], p["cy"]
-    below = z < p["below_cricoid"]
-    masks = {"SpinalCord": np.hypot(X - p["nx"], Y - (p["ny"] + CANAL_BEHIND_NECK + 1.0)) <= CORD_RADIUS,
-             "Trachea": (np.hypot(X - cx, Y - cy) <= p["airway"]) & below}
-    oy = cy + p["airway"] + OESOPHAGUS_GAP + OESOPHAGUS_SEMI[1]
-    masks["Esophagus"] = (((X - cx) / OESOPHAGUS_SEMI[0]) ** 2 + ((Y - oy) / OESOPHAGUS_SEMI[1]) ** 2 <= 1) & below
-    tz = p["below_cricoid"] - THYROID_BELOW_CRICOID
-    vx, vy = p["vertebra"]
-    for side, suffix in ((1.0, "L"), (-1.0, "R")):  # + x = patient left
-        tx = cx + side * (p["airway"] + THYROID_GAP + THYROID_SEMI[0])
-        t = ((z - tz) / THYROID_SEMI[2]) ** 2
-        masks[f"Thyroid_{suffix}"] = (((X - tx) / THYROID_SEMI[0]) ** 2 + ((Y - cy + THYROID_ANTERIOR)
-                                                                          / THYROID_SEMI[1]) ** 2 <= 1 - t)
-        masks[f"A_Carotid_{suffix}"] = np.hypot(X - cx - side * CAROTID_OFFSET[0],
-                                                Y - cy - CAROTID_OFFSET[1]) <= CAROTID_RADIUS
-        masks[f"A_Vertebral_{suffix}"] = np.hypot(X - vx - side * VERTEBRAL_LATERAL, Y - vy) <= VERTEBRAL_RADIUS
-    return masks
+        def ellipse(x0, y0, a, b):
+            return ((X - x0) / a) ** 2 + ((Y - y0) / b) ** 2
 
+        def disc(x0, y0, radius):
+            return np.hypot(X - x0, Y - y0) <= radius
 
-def paint_hu(hu: np.ndarray, region: np.ndarray, anat: dict[str, Any], z: float, X: np.ndarray,
-             Y: np.ndarray, rng: np.random.Generator) -> None:
-    """Draw the organs at risk into one CT slice ``hu`` (noise already added) in place: only over
-    soft tissue and fat of the phantom, never over airway, bone, cartilage, tumour or nodes."""
-    from hnct import demo
+        self.fixed = {"SpinalCord": disc(nx, ny + CANAL_BEHIND_NECK + 1.0, CORD_RADIUS)}
+        self.below = {"Trachea": disc(cx, cy, airway), "Esophagus": ellipse(cx, oy, *OESOPHAGUS_SEMI) <= 1}
+        self.thyroid = {}
+        walls = np.zeros(X.shape, dtype=bool)
+        for side, suffix in ((1.0, "L"), (-1.0, "R")):  # + x = patient left
+            tx = cx + side * (airway + THYROID_GAP + THYROID_SEMI[0])
+            self.thyroid[f"Thyroid_{suffix}"] = ellipse(tx, cy - THYROID_ANTERIOR, *THYROID_SEMI[:2])
+            self.fixed[f"A_Carotid_{suffix}"] = disc(cx + side * CAROTID_OFFSET[0], cy + CAROTID_OFFSET[1],
+                                                     CAROTID_RADIUS)
+            self.fixed[f"A_Vertebral_{suffix}"] = disc(vx + side * VERTEBRAL_LATERAL, vy, VERTEBRAL_RADIUS)
+            walls |= disc(vx + side * VERTEBRAL_LATERAL, vy, VERTEBRAL_RADIUS + FORAMEN_WALL)
+        self.canal = disc(nx, ny + CANAL_BEHIND_NECK, CANAL_RADIUS)
+        self.rim = ellipse(cx, oy, OESOPHAGUS_SEMI[0] + 1.5, OESOPHAGUS_SEMI[1] + 1.5) <= 1
+        self.lumen = ellipse(cx, oy, *OESOPHAGUS_LUMEN) <= 1
+        self.walls = walls
+        self.empty = np.zeros(X.shape, dtype=bool)
 
-    p = _places(anat)
-    masks = slice_masks(anat, z, X, Y)
-    tissue = np.isin(region, (demo.SOFT, demo.FAT, demo.FAT_PAD))
-    canal = np.hypot(X - p["nx"], Y - (p["ny"] + CANAL_BEHIND_NECK)) <= CANAL_RADIUS
-    oy = p["cy"] + p["airway"] + OESOPHAGUS_GAP + OESOPHAGUS_SEMI[1]
-    rim = ((((X - p["cx"]) / (OESOPHAGUS_SEMI[0] + 1.5)) ** 2 + ((Y - oy) / (OESOPHAGUS_SEMI[1] + 1.5)) ** 2 <= 1)
-           & (z < p["below_cricoid"]))
-    lumen = (((X - p["cx"]) / OESOPHAGUS_LUMEN[0]) ** 2 + ((Y - oy) / OESOPHAGUS_LUMEN[1]) ** 2 <= 1) & masks["Esophagus"]
-    vx, vy = p["vertebra"]
-    walls = [np.hypot(X - vx - side * VERTEBRAL_LATERAL, Y - vy) <= VERTEBRAL_RADIUS + FORAMEN_WALL for side in (1, -1)]
-    layers = [(canal, "csf"), (masks["SpinalCord"], "cord"), (rim, "fat"), (masks["Esophagus"], "oesophagus"),
-              (lumen, "air"), (masks["Thyroid_L"] | masks["Thyroid_R"], "thyroid"),
-              (masks["A_Carotid_L"] | masks["A_Carotid_R"], "artery"), (walls[0] | walls[1], "bone"),
-              (masks["A_Vertebral_L"] | masks["A_Vertebral_R"], "artery")]
-    for mask, tissue_name in layers:  # later layers over earlier ones
-        where = mask & tissue
-        hu[where] = HU[tissue_name] + rng.normal(0, demo.NOISE_HU, int(where.sum())).astype(np.float32)
+    def slice_masks(self, z: float) -> dict[str, np.ndarray]:
+        """Boolean (rows, cols) mask of every organ at risk on the axial plane at ``z`` (LPS mm)."""
+        below = z < self.below_cricoid
+        masks = dict(self.fixed)
+        masks.update({s: m if below else self.empty for s, m in self.below.items()})
+        t = 1 - ((z - self.thyroid_z) / THYROID_SEMI[2]) ** 2
+        masks.update({s: e <= t if t > 0 else self.empty for s, e in self.thyroid.items()})
+        return {s: masks[s] for s in OARS}
+
+    def paint_hu(self, hu: np.ndarray, region: np.ndarray, z: float, rng: np.random.Generator) -> None:
+        """Draw the organs at risk into one CT slice ``hu`` (noise already added) in place: only over
+        soft tissue and fat of the phantom, never over airway, bone, cartilage, tumour or nodes."""
+        masks = self.slice_masks(z)
+        below = z < self.below_cricoid
+        layers = [(self.canal, "csf"), (masks["SpinalCord"], "cord"), (self.rim & below, "fat"),
+                  (masks["Esophagus"], "oesophagus"), (self.lumen & masks["Esophagus"], "air"),
+                  (masks["Thyroid_L"] | masks["Thyroid_R"], "thyroid"),
+                  (masks["A_Carotid_L"] | masks["A_Carotid_R"], "artery"), (self.walls, "bone"),
+                  (masks["A_Vertebral_L"] | masks["A_Vertebral_R"], "artery")]
+        tissue = np.isin(region, self.tissue_codes)
+        for mask, tissue_name in layers:  # later layers over earlier ones
+            where = mask & tissue
+            hu[where] = HU[tissue_name] + rng.normal(0, self.noise_hu, int(where.sum())).astype(np.float32)
 
 
 def mask_files(row) -> list[str]:
@@ -158,28 +166,45 @@ def mask_files(row) -> list[str]:
     return names + [f"{folder}/{ANNOTATION_TABLE}"]
 
 
-def add_oars(row, anat: dict[str, Any], geo: dict[str, Any], dicom_root: Path,
-             contours: dict[str, list], mask_contours: Callable) -> list[str]:
+def add_oars(row, phantom: Phantom, geo: dict[str, Any], dicom_root: Path, contours: dict[str, list]) -> list[str]:
     """Label the case's organs at risk: contours added to ``contours`` (ROI name -> [(slice, polygon)])
     for an RTSTRUCT case, or the mask folder written for a mask case (returns its files,
-    :func:`mask_files`). ``mask_contours(mask, geo, z)`` is the demo's polygon tracer."""
+    :func:`mask_files`)."""
     source = oar_source(row)
     if source == "none":
         return []
     structures = contoured(row)
-    X, Y = np.meshgrid(geo["xs"], geo["ys"])
     volumes = {s: np.zeros((geo["n_slices"], geo["rows"], geo["cols"]), dtype=np.uint8) for s in structures}
     for k, z in enumerate(geo["zs"]):
-        masks = slice_masks(anat, z, X, Y)
+        masks = phantom.slice_masks(z)
         for structure in structures:
             if source == "rtstruct":
-                contours.setdefault(roi_name(row, structure), []).extend(
-                    (k, c) for c in mask_contours(masks[structure], geo, z))
+                contours.setdefault(roi_name(row, structure), []).extend((k, c) for c in _polygons(masks[structure], geo, z))
             else:
                 volumes[structure][k] = masks[structure]
     if source == "rtstruct":
         return []
     return _write_mask_folder(row, geo, volumes, dicom_root)
+
+
+def _polygons(mask: np.ndarray, geo: dict[str, Any], z: float) -> list[np.ndarray]:
+    """Closed polygons (N x 3, LPS mm) of a slice mask's boundaries at the 0.5 level (marching squares
+    on the mask's bounding box; every boundary point kept: these shapes are small and smooth)."""
+    from skimage import measure
+
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return []
+    r0, c0 = int(rows.min()) - 1, int(cols.min()) - 1  # the box with a one-pixel empty margin
+    box = np.pad(mask, 1)[r0 + 1:int(rows.max()) + 3, c0 + 1:int(cols.max()) + 3].astype(np.float32)
+    polygons = []
+    for contour in measure.find_contours(box, 0.5):
+        points = contour[:-1]  # find_contours closes the loop by repeating the first point
+        if len(points) >= 3:
+            x = geo["origin"][0] + (points[:, 1] + c0) * geo["pixel_spacing"]
+            y = geo["origin"][1] + (points[:, 0] + r0) * geo["pixel_spacing"]
+            polygons.append(np.column_stack([x, y, np.full(len(x), z)]))
+    return polygons
 
 
 def _write_mask_folder(row, geo: dict[str, Any], volumes: dict[str, np.ndarray], dicom_root: Path) -> list[str]:
