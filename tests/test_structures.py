@@ -126,9 +126,11 @@ def test_hanseg_layout_with_oar_data_csv(tmp_path):
     channels, header = read_structures(folder / "structures.nrrd")
     _, volume_header = nrrd.read(str(folder / "volume.nrrd"))
     assert channels.dtype == np.uint8 and channels.shape == (6, 6, 16, 20) and set(np.unique(channels)) == {0, 1}
-    assert list(header["kinds"]) == ["list", "domain", "domain", "domain"] and header["encoding"] == "gzip"
-    assert np.isnan(header["space directions"][0]).all()
-    assert np.array_equal(header["space directions"][1:], volume_header["space directions"])
+    assert nrrd.read(str(folder / "structures.nrrd"), index_order="C")[0].shape == (6, 6, 16, 20)  # (C, z, y, x)
+    assert list(header["sizes"]) == [20, 16, 6, 6]  # NRRD's axis order: x, y, z, channel
+    assert list(header["kinds"]) == ["domain", "domain", "domain", "list"] and header["encoding"] == "gzip"
+    assert np.isnan(header["space directions"][3]).all()
+    assert np.array_equal(header["space directions"][:3], volume_header["space directions"])
     assert np.array_equal(header["space origin"], volume_header["space origin"])
     assert header["space"] == volume_header["space"]
     assert channels[3, 2, 6, 10] == channels[4, 2, 6, 10] == 1  # Glottis inside Larynx_SG, both kept

@@ -20,10 +20,11 @@ case (first column the case), one column per structure (harmonised as ROI names)
 structure was contoured, 0 or empty where it was not.
 
 Channels (:func:`write_structures`): ``structures.nrrd``, uint8 0/1, one channel per structure in
-the order of ``convert.structures``; the NRRD file's axes are (channel, x, y, z) with kinds
-``list domain domain domain`` and ``space directions: none ...`` (the layout 3D Slicer's
-``.seg.nrrd`` uses; SimpleITK reads it as a C-component vector image on the CT grid), gzip.
-:func:`read_structures` returns it as a (C, z, y, x) array.
+the order of ``convert.structures``, gzip: a (C, z, y, x) array as ``nrrd.read(path,
+index_order="C")`` returns it (:func:`read_structures`). In NRRD's own axis order (fastest first)
+that is (x, y, z, channel), so the header lists ``kinds: domain domain domain list`` and ``space
+directions: (x) (y) (z) none``, volume.nrrd's directions and origin; SimpleITK reads it as a
+C-component vector image on the CT grid.
 """
 
 from __future__ import annotations
@@ -222,21 +223,19 @@ def write_structures(channels: np.ndarray, geometry: dict[str, Any], path: str |
     LPS grid (``origin``, ``spacing``, ``direction`` as ITK gives them), gzip, atomically."""
     import nrrd
 
-    axes = np.reshape(np.asarray(geometry["direction"], dtype=float), (3, 3)) * np.asarray(geometry["spacing"])
-    directions = np.vstack([np.full(3, np.nan), axes.T])  # nan: pynrrd's "none" for the channel axis
-    header = {
-        "space": "left-posterior-superior",
-        "space directions": directions,
-        "space origin": np.asarray(geometry["origin"], dtype=float),
-        "kinds": ["list", "domain", "domain", "domain"],
-        "encoding": "gzip",
-    }
-    # (C, z, y, x) -> Fortran-order (C, x, y, z): the channel varies fastest in the file.
-    data = np.asfortranarray(np.transpose(channels.astype(np.uint8, copy=False), (0, 3, 2, 1)))
     from hnct.convert import _blank_write_time
 
+    axes = np.reshape(np.asarray(geometry["direction"], dtype=float), (3, 3)) * np.asarray(geometry["spacing"])
+    header = {
+        "space": "left-posterior-superior",
+        # One row per file axis (x, y, z, channel); nan is pynrrd's "none" for the channel axis.
+        "space directions": np.vstack([axes.T, np.full(3, np.nan)]),
+        "space origin": np.asarray(geometry["origin"], dtype=float),
+        "kinds": ["domain", "domain", "domain", "list"],
+        "encoding": "gzip",
+    }
     with atomic_path(path, suffix=".nrrd") as tmp:
-        nrrd.write(str(tmp), data, header, index_order="F")
+        nrrd.write(str(tmp), np.ascontiguousarray(channels, dtype=np.uint8), header, index_order="C")
         _blank_write_time(tmp)
 
 
@@ -244,5 +243,4 @@ def read_structures(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]
     """``structures.nrrd`` as a (C, z, y, x) uint8 array and its header."""
     import nrrd
 
-    data, header = nrrd.read(str(path), index_order="F")  # (C, x, y, z), the file's axis order
-    return np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1))), header
+    return nrrd.read(str(path), index_order="C")
