@@ -294,7 +294,8 @@ def test_rtstruct_references_resolve_and_contours_give_the_planted_structures(co
         assert {item.ReferencedSOPInstanceUID for item in series.ContourImageSequence} == set(ct)
         names = {roi.ROINumber: roi.ROIName for roi in rt.StructureSetROISequence}
         expected = {"GTVp", "Larynx"} | ({"GTVn"} if row["node_positive"] == "1" else set())
-        expected |= set(manifest["organs_at_risk"]["roi_names"].values())  # issue 13 (hnct.demo_oar)
+        oars = manifest["organs_at_risk"]  # issue 13 (hnct.demo_oar)
+        expected |= set(oars["roi_names"].values()) | set(oars["unmatched_rois"])
         assert set(names.values()) == expected
         assert {o.ReferencedROINumber for o in rt.RTROIObservationsSequence} == set(names)
         geo = manifest["geometry"]

@@ -24,7 +24,7 @@ organs at risk as a HaN-Seg-style folder beside their DICOM (``<dicom_dir>/OAR/<
 <case>_OAR_<name>.seg.nrrd``, gzip NRRD on the CT grid, and ``<dicom_dir>/OAR/OAR_data.csv``:
 ``ID;<name>;...`` with 1/0 per structure), the others in their RTSTRUCT under varied ROI names
 (``SpinalCord``, ``Spinal_Cord``, ``spinal cord``, ``Cord`` ...; :data:`ROI_NAMES`), which
-``convert.structure_names`` harmonises. A quarter of the cases leave :data:`LEFT_OUT` out
+``convert.structure_names`` harmonises, and a cord PRV (:data:`PRV_ROI`) that nothing matches. A quarter of the cases leave :data:`LEFT_OUT` out
 (partial labels: drawn in the CT, not contoured; its OAR_data.csv entry is 0).
 """
 
@@ -57,6 +57,9 @@ MASK_NAMES = {"SpinalCord": "SpinalCord", "Trachea": "Trachea", "Esophagus": "Es
               "Thyroid_L": "Thyroid_L", "Thyroid_R": "Thyroid_R", "A_Carotid_L": "A_Carotid_L",
               "A_Carotid_R": "A_Carotid_R", "A_Vertebral_L": "A_Vertebral_L", "A_Vertebral_R": "A_Vertebral_R"}
 LEFT_OUT = "Thyroid_R"
+# A planning structure the RTSTRUCT cases also hold (the cord plus a 3 mm margin): it matches no
+# structure (patterns match whole names), so it shows up in the unmatched-ROI table, unused.
+PRV_ROI, PRV_MARGIN = "SpinalCord_PRV03", 3.0
 OAR_FOLDER = "OAR"
 ANNOTATION_TABLE = "OAR_data.csv"
 
@@ -116,6 +119,7 @@ class Phantom:
             return np.hypot(X - x0, Y - y0) <= radius
 
         self.fixed = {"SpinalCord": disc(nx, ny + CANAL_BEHIND_NECK + 1.0, CORD_RADIUS)}
+        self.prv = disc(nx, ny + CANAL_BEHIND_NECK + 1.0, CORD_RADIUS + PRV_MARGIN)
         self.below = {"Trachea": disc(cx, cy, airway), "Esophagus": ellipse(cx, oy, *OESOPHAGUS_SEMI) <= 1}
         self.thyroid = {}
         walls = np.zeros(X.shape, dtype=bool)
@@ -182,6 +186,8 @@ def add_oars(row, phantom: Phantom, geo: dict[str, Any], dicom_root: Path, conto
                 contours.setdefault(roi_name(row, structure), []).extend((k, c) for c in _polygons(masks[structure], geo, z))
             else:
                 volumes[structure][k] = masks[structure]
+        if source == "rtstruct":
+            contours.setdefault(PRV_ROI, []).extend((k, c) for c in _polygons(phantom.prv, geo, z))
     if source == "rtstruct":
         return []
     return _write_mask_folder(row, geo, volumes, dicom_root)
@@ -231,4 +237,5 @@ def truth(row) -> dict[str, Any]:
     source = oar_source(row)
     return {"source": source, "contoured": contoured(row) if source != "none" else [], "files": mask_files(row),
             "roi_names": {s: roi_name(row, s) for s in contoured(row)} if source == "rtstruct" else {},
+            "unmatched_rois": [PRV_ROI] if source == "rtstruct" else [],
             "hu": HU}
