@@ -133,6 +133,8 @@ def convert_case(
             Path(stale).unlink()
 
     # Imported here so the rule file can import this module's params helpers without pydicom.
+    import numpy as np
+
     from hnct import dicomio
     from hnct import structures as structures_mod
 
@@ -190,7 +192,8 @@ def convert_case(
             label_image = structures_mod.paint_label_map(channels)
             entries, unmatched = structure_entries(structures, channels, label_report, mask_report)
             present = [e["name"] for e in entries if e["annotated"] and e["voxels"] > 0]
-            label_report["voxels"] = {s: int((label_image == v).sum()) for v, s in enumerate(structures, start=1)}
+            counts = np.bincount(label_image.ravel(), minlength=len(structures) + 1)
+            label_report["voxels"] = {s: int(counts[v]) for v, s in enumerate(structures, start=1)}
             absent = [s for s in required_structures if s not in present]
             if absent:
                 label_file = label_report.get("file") or label_report.get("folder", "")
@@ -244,13 +247,16 @@ def structure_entries(structures: Sequence[str], channels, label_report: dict[st
                       mask_report: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[str]]:
     """The sidecar's ``structures`` (name, channel, label, annotated, source, voxels per structure)
     and ``unmatched_rois`` (of both sources)."""
+    import numpy as np
+
     reports = [r for r in (label_report, mask_report) if r]
     entries = []
     for channel, structure in enumerate(structures):
         found = next((r for r in reports if structure in r["annotated"]), None)
         match = found["matched"][structure] if found else {}
         entries.append({"name": structure, "channel": channel, "label": channel + 1, "annotated": found is not None,
-                        "source": match.get("file") or match.get("roi"), "voxels": int(channels[channel].sum())})
+                        "source": match.get("file") or match.get("roi"),
+                        "voxels": int(np.count_nonzero(channels[channel]))})
     return entries, sorted({name for r in reports for name in r.get("unmatched_rois", [])})
 
 
