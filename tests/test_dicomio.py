@@ -17,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetSt
 
 from hnct import dicomio
 from hnct.common import InputError
+from hnct.structures import paint_label_map
 
 ROWS, COLS = 16, 20
 PIXEL_MM = (0.5, 0.8)  # PixelSpacing [row spacing (y), column spacing (x)]
@@ -376,8 +377,8 @@ def test_rtstruct_nested_contours_make_a_hole_and_names_match_loosely(tmp_path):
     outer, hole = square((8.0, 4.0), 3.0, z), square((8.0, 4.0), 1.0, z)
     write_rtstruct(tmp_path / "rt.dcm", ct, {"larynx": [square((4.0, 4.0), 2.0, 2.0)], "GTV_p": [outer, hole]})
     index, row, _, image, geometry = read(tmp_path)
-    label, report = dicomio.rtstruct_label_map("C", index, row, geometry, image, ["Larynx", "GTVp"])
-    array = sitk.GetArrayFromImage(label)
+    channels, report = dicomio.rtstruct_label_map("C", index, row, geometry, image, ["Larynx", "GTVp"])
+    array = paint_label_map(channels)
     assert report["matched"]["Larynx"]["how"] == "case-insensitive"
     assert report["matched"]["GTVp"]["how"] == "normalised"
     gtv = array[2] == 2
@@ -403,24 +404,36 @@ def test_match_structures_prefers_exact_then_case_then_normalised():
     assert "Cord" not in matched
 
 
-def test_mask_folder_masks_are_resampled_onto_the_ct_grid(tmp_path):
+def test_mask_folder_mask_off_the_ct_grid_is_bad_input(tmp_path):
+    """A mask on another grid (twice the CT spacing, or shifted) is not resampled: the case is
+    excluded naming the file and what differs (issue 13's bad input)."""
     write_ct_series(tmp_path / "ct", 6, origin=(0.0, 0.0, 0.0))
     _, _, _, image, _ = read(tmp_path / "ct")
-    # A coarser mask grid (twice the CT spacing) covering the same space.
     mask = sitk.Image([COLS // 2, ROWS // 2, 3], sitk.sitkUInt8)
     mask.SetSpacing([2 * PIXEL_MM[1], 2 * PIXEL_MM[0], 4.0])
     mask.SetOrigin(image.GetOrigin())
     mask[2:5, 1:4, 1:3] = 1
     (tmp_path / "masks" / "C").mkdir(parents=True)
-    sitk.WriteImage(mask, str(tmp_path / "masks" / "C" / "larynx.nii.gz"))
-    label, report = dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
-    assert report["resampled"] == ["Larynx"] and label.GetSize() == image.GetSize()
-    voxel_mm3 = np.prod(image.GetSpacing())
-    assert (sitk.GetArrayFromImage(label) == 1).sum() * voxel_mm3 == pytest.approx(3 * 3 * 2 * np.prod(mask.GetSpacing()), rel=0.35)
-    mask.SetOrigin((500.0, 500.0, 500.0))
-    sitk.WriteImage(mask, str(tmp_path / "masks" / "C" / "larynx.nii.gz"))
-    with pytest.raises(InputError, match="does not overlap"):
-        dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx"])
+    path = tmp_path / "masks" / "C" / "larynx.nii.gz"
+    sitk.WriteImage(mask, str(path))
+    with pytest.raises(InputError, match=r"is not on the CT's grid: its size is \[10, 8, 3\]") as err:
+        dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
+    assert err.value.case == "C" and Path(err.value.file) == path
+    on_grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    on_grid.CopyInformation(image)
+    on_grid[2:5, 1:4, 1:3] = 1
+    sitk.WriteImage(on_grid, str(path))
+    channels, report = dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
+    assert channels.shape == (2,) + tuple(reversed(image.GetSize())) and channels[0].sum() == 3 * 3 * 2
+    assert report["annotated"] == ["Larynx"] and channels[1].sum() == 0
+    for what, change in (("origin", lambda m: m.SetOrigin((0.0, 0.0, 0.05))),
+                         ("spacing", lambda m: m.SetSpacing((PIXEL_MM[1], PIXEL_MM[0], 2.01))),
+                         ("direction", lambda m: m.SetDirection((1, 0, 0, 0, 0, 1, 0, 1, 0)))):
+        shifted = sitk.Image(on_grid)
+        change(shifted)
+        sitk.WriteImage(shifted, str(path))
+        with pytest.raises(InputError, match=f"its {what} is"):
+            dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx"])
 
 
 def test_fill_polygon_agrees_with_skimage_on_random_polygons():

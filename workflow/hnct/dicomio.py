@@ -38,17 +38,23 @@ decoded by pydicom (which checks the pixel data length, unlike SimpleITK's serie
 compressed transfer syntaxes through its GDCM, pyjpegls and pylibjpeg-openjpeg plugins), rescaled
 to HU, rounded and clipped to int16; the image geometry is set from the validated headers.
 
-Label maps (uint8, value = index in ``structures`` + 1, later structures painted over earlier):
+Labels: one binary channel per structure, a (C, z, y, x) uint8 array in the order of
+``structures`` (:func:`hnct.structures.paint_label_map` makes the uint8 label map of them, value =
+index + 1, later structures painted over earlier). ROI names, segment labels and mask file names
+are matched to structures by :func:`hnct.structures.harmonise` (exact, case-insensitive, ignoring
+punctuation and spaces (``GTV-1`` = ``gtv_1`` = ``GTV 1``), then the ``structure_names`` patterns);
+every report lists ``unmatched_rois`` and ``annotated`` (the structures the label object has: a
+structure it lacks is unknown for the case, not background).
 
 * :func:`rtstruct_label_map`: closed planar RTSTRUCT contours rasterised slice by slice
   (pixel centres inside the polygon, :func:`fill_polygon`; nested contours of one ROI on one slice combine by XOR,
   so holes stay empty). The RTSTRUCT must reference the chosen CT: every referenced SOP
   instance must be in the series (FrameOfReferenceUID is used only when an RTSTRUCT lists no
-  instances). ROI names match structures case-insensitively, then ignoring punctuation and
-  spaces (``GTV-1`` = ``gtv_1`` = ``GTV 1``).
-* :func:`mask_folder_label_map`: ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz|.nii`` masks
-  (non-zero = inside), resampled with nearest neighbour onto the CT grid when their geometry
-  differs.
+  instances).
+* :func:`mask_folder_label_map`: per-structure mask files (``convert.mask_pattern``, e.g.
+  ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``, HaN-Seg's or SegRap's layout), each on exactly
+  the CT's grid (size, spacing, origin, direction within :data:`MASK_GRID_TOL`) and binary (0 and
+  at most one other value); an annotation table (HaN-Seg's ``OAR_data.csv``) may say which exist.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -186,6 +192,7 @@ from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
 
 from hnct.common import InputError, progress  # noqa: E402
+from hnct.structures import harmonise, normalise_name, raise_if_ambiguous  # noqa: E402,F401
 
 # SimpleITK (0.2-0.4 s to import) is imported only where labels, resampling of label masks or an
 # image object are needed: the plain CT path (hnct.convert --labels none) never loads it.
@@ -224,7 +231,6 @@ SAME_POSITION_MM = 1e-3
 # Header geometry tolerance: direction cosines and pixel spacing (mm).
 COSINE_TOL = 1e-4
 SPACING_TOL_MM = 1e-4
-MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".nhdr", ".mha")
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -947,21 +953,11 @@ def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Imag
 # ----------------------------------------------------------------------------- labels
 
 
-def normalise_name(name: str) -> str:
-    """ROI name for tolerant matching: lower case, punctuation and spaces removed."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def match_structures(structures: Sequence[str], roi_names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """structure -> {"roi": ROI name, "how": exact|case-insensitive|normalised} for the ones found."""
-    matched: dict[str, dict[str, str]] = {}
-    for structure in structures:
-        for how, key in (("exact", lambda s: s), ("case-insensitive", str.lower), ("normalised", normalise_name)):
-            hits = [roi for roi in roi_names if key(roi) == key(structure)]
-            if hits:
-                matched[structure] = {"roi": sorted(hits)[0], "how": how}
-                break
-    return matched
+def match_structures(structures: Sequence[str], roi_names: Sequence[str],
+                     structure_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, str]]:
+    """structure -> {"roi": ROI name, "how": exact|case-insensitive|normalised|pattern} for the ones
+    found (:func:`hnct.structures.harmonise`)."""
+    return harmonise(structures, roi_names, structure_names)["matched"]
 
 
 def _rtstruct_references(ds: pydicom.Dataset) -> tuple[set[str], set[str], set[str]]:
@@ -1053,10 +1049,13 @@ def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
 
 
 def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sitk.Image,
-                       structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Paint the RTSTRUCT's contours of ``structures`` on the reference grid: uint8 (z, y, x)."""
+                       structures: Sequence[str],
+                       structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The RTSTRUCT's contours of ``structures`` on the reference grid: (C, z, y, x) uint8 0/1 channels."""
     roi_names = {str(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
-    matched = match_structures(structures, list(roi_names.values()))
+    harmonised = harmonise(structures, list(roi_names.values()), structure_names)
+    raise_if_ambiguous(case, file, harmonised)
+    matched = harmonised["matched"]
     number_of = {name: number for number, name in roi_names.items()}
     contours_of = {str(rc.ReferencedROINumber): rc.get("ContourSequence", []) for rc in ds.get("ROIContourSequence", [])}
     size = reference.GetSize()
@@ -1064,9 +1063,11 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
     spacing = np.array(reference.GetSpacing())
     direction = np.array(reference.GetDirection()).reshape(3, 3)
     to_index = np.linalg.inv(direction * spacing)  # LPS mm offset -> continuous (i, j, k)
-    label = np.zeros(tuple(reversed(size)), dtype=np.uint8)
-    report: dict[str, Any] = {"matched": matched, "roi_names": sorted(roi_names.values()), "skipped_contours": {}}
-    for value, structure in enumerate(structures, start=1):
+    channels = np.zeros((len(structures),) + tuple(reversed(size)), dtype=np.uint8)
+    report: dict[str, Any] = {"matched": matched, "roi_names": sorted(roi_names.values()), "skipped_contours": {},
+                              "unmatched_rois": harmonised["unmatched"], "not_used": harmonised["not_used"],
+                              "annotated": [s for s in structures if s in matched]}
+    for channel, structure in enumerate(structures):
         if structure not in matched:
             continue
         roi = matched[structure]["roi"]
@@ -1089,10 +1090,10 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
             plane = per_slice.setdefault(k_slice, np.zeros((size[1], size[0]), dtype=bool))
             plane ^= fill_polygon(ijk[:, 0], ijk[:, 1], (size[1], size[0]))  # XOR: a nested contour is a hole
         for k_slice, plane in per_slice.items():
-            label[k_slice][plane] = value
+            channels[channel, k_slice][plane] = 1
         if any(skipped.values()):
             report["skipped_contours"][structure] = skipped
-    return label, report
+    return channels, report
 
 
 def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
@@ -1111,31 +1112,29 @@ def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
                       "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]}
 
 
-def no_label_object(reference: "sitk.Image", modality: str, series: dict[str, Any]) -> tuple["sitk.Image", dict[str, Any]]:
-    """A case without any label object of ``modality`` (RTSTRUCT, SEG): an empty label map on the
-    reference grid and a report saying so; convert excludes the case if structures are required."""
-    import SimpleITK as sitk
-
-    image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-    image.CopyInformation(reference)
-    return image, {"file": None, "note": f"no {modality} beside CT series {series['series_uid']}",
-                   "matched": {}, "roi_names": []}
+def no_label_object(reference: "sitk.Image", modality: str, series: dict[str, Any],
+                    structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A case without any label object of ``modality`` (RTSTRUCT, SEG): all-zero channels on the
+    reference grid, no structure annotated, and a report saying so; convert excludes the case if
+    structures are required."""
+    channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    return channels, {"file": None, "note": f"no {modality} beside CT series {series['series_uid']}",
+                      "matched": {}, "roi_names": [], "unmatched_rois": [], "annotated": []}
 
 
 def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: dict[str, Any],
-                       geometry: dict[str, Any], reference: sitk.Image,
-                       structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
-    """The label map from the RTSTRUCT under the case folder that references the chosen CT.
+                       geometry: dict[str, Any], reference: sitk.Image, structures: Sequence[str],
+                       structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The structures' channels (C, z, y, x) from the RTSTRUCT under the case folder that
+    references the chosen CT, and the report.
 
     Several RTSTRUCTs: the ones whose references do not resolve are ignored (listed in the
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
-    import SimpleITK as sitk
-
     rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
     if not rt_rows:
-        return no_label_object(reference, "RTSTRUCT", series)
+        return no_label_object(reference, "RTSTRUCT", series, structures)
     usable, rejected = [], []
     for row in rt_rows:
         for file in row["files"]:
@@ -1150,57 +1149,106 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
                 rejected.append(err)
                 continue
             names = [str(r.ROIName) for r in ds.get("StructureSetROISequence", [])]
-            usable.append((len(match_structures(structures, names)), file, ds, reference_note))
+            usable.append((len(match_structures(structures, names, structure_names)), file, ds, reference_note))
     file, ds, chosen = choose_label_object(usable, rejected)
-    label, report = rasterise_rtstruct(case, file, ds, reference, structures)
+    channels, report = rasterise_rtstruct(case, file, ds, reference, structures, structure_names)
     report.update(chosen)
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    return image, report
+    return channels, report
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+# Mask geometry against the CT: size exactly; spacing, origin (mm) and direction cosines within these.
+MASK_GRID_TOL = {"spacing_mm": 1e-3, "origin_mm": 1e-2, "direction": 1e-4}
 
 
-def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image,
-                          structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
-    """Label map from per-structure mask files ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``."""
+def _numbers(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
+
+
+def check_mask_grid(case: str, path: str | os.PathLike, mask: "sitk.Image", reference: "sitk.Image") -> None:
+    """InputError naming what differs when ``mask`` is not on the CT's grid (:data:`MASK_GRID_TOL`)."""
+    checks = [
+        ("size", mask.GetSize(), reference.GetSize(), 0),
+        ("spacing", mask.GetSpacing(), reference.GetSpacing(), MASK_GRID_TOL["spacing_mm"]),
+        ("origin", mask.GetOrigin(), reference.GetOrigin(), MASK_GRID_TOL["origin_mm"]),
+        ("direction", mask.GetDirection(), reference.GetDirection(), MASK_GRID_TOL["direction"]),
+    ]
+    for what, got, want, tol in checks:
+        if len(got) != len(want) or not np.allclose(got, want, atol=tol, rtol=0):
+            raise InputError(case, path, f"mask {path} is not on the CT's grid: its {what} is {_numbers(got)}, the "
+                             f"CT's {_numbers(want)} (tolerance {tol:g})")
+
+
+def read_mask(case: str, path: str | os.PathLike, reference: "sitk.Image") -> np.ndarray:
+    """A binary mask file on the CT grid as a (z, y, x) uint8 0/1 array; InputError when it cannot
+    be read, is not 3-D, is not on the CT's grid or is not binary (0 and at most one other value)."""
     import SimpleITK as sitk
 
-    folder = Path(mask_dir) / case
-    if not folder.is_dir():
-        raise InputError(case, folder, f"mask folder {folder} does not exist (convert.labels is nrrd)")
-    by_stem: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        for suffix in MASK_SUFFIXES:
-            if path.name.lower().endswith(suffix):
-                by_stem.setdefault(path.name[: -len(suffix)], path)
-    matched = match_structures(structures, list(by_stem))
-    label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
-    report: dict[str, Any] = {"folder": str(folder), "matched": {}, "resampled": []}
-    for value, structure in enumerate(structures, start=1):
-        if structure not in matched:
-            continue
-        path = by_stem[matched[structure]["roi"]]
+    try:
+        mask = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(case, path, f"cannot read mask {path}: {str(err).strip().splitlines()[-1]}") from None
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(case, path, f"mask {path} is {mask.GetDimension()}-D with "
+                         f"{mask.GetNumberOfComponentsPerPixel()} component(s), expected one 3-D binary mask")
+    check_mask_grid(case, path, mask, reference)
+    array = sitk.GetArrayViewFromImage(mask)
+    inside = array != 0
+    values = array[inside]
+    if values.size and values.min() != values.max():  # np.unique would sort every voxel (0.8 s a mask)
+        shown = np.unique(values)
+        raise InputError(case, path, f"mask {path} is not binary: values {[0] + shown[:7].tolist()}"
+                         f"{' ...' if len(shown) > 7 else ''} (expected 0 and one other value)")
+    return inside.view(np.uint8)
+
+
+def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image, structures: Sequence[str],
+                          pattern: str = "default", structure_names: Mapping[str, Sequence[str]] | None = None,
+                          annotation_table: str | os.PathLike = "",
+                          required: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """The structures' channels (C, z, y, x) from per-structure mask files (``pattern``, see
+    :func:`hnct.structures.find_masks`) and the report.
+
+    A structure is annotated when its mask file exists, unless ``annotation_table`` (HaN-Seg's
+    ``OAR_data.csv``) lists the case with a 0 for it (then its file, if any, is not used and listed
+    under ``not_annotated_by_table``). A missing case folder is bad input when ``required``
+    (``convert.labels: nrrd``), else no structure is annotated (a second label source).
+    """
+    from hnct.structures import find_masks, read_annotation_table
+
+    try:
+        folder, by_name = find_masks(case, mask_dir, pattern)
+    except InputError:
+        if required:
+            raise
+        channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+        return channels, {"folder": None, "matched": {}, "unmatched_rois": [], "annotated": []}
+    harmonised = harmonise(structures, list(by_name), structure_names)
+    raise_if_ambiguous(case, folder, harmonised)
+    table: dict[str, bool] = {}
+    if annotation_table:
         try:
-            mask = sitk.ReadImage(str(path))
-        except RuntimeError as err:
-            raise InputError(case, path, f"cannot read mask: {str(err).strip().splitlines()[-1]}") from None
-        if mask.GetDimension() != 3:
-            raise InputError(case, path, f"mask is {mask.GetDimension()}-D, expected 3-D")
-        mask = sitk.Cast(mask != 0, sitk.sitkUInt8)
-        if not _same_grid(mask, reference):
-            n_before = int(sitk.GetArrayViewFromImage(mask).sum())
-            mask = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-            if n_before and not sitk.GetArrayViewFromImage(mask).any():
-                raise InputError(case, path, "mask does not overlap the CT volume")
-            report["resampled"].append(structure)
-        label[sitk.GetArrayViewFromImage(mask) > 0] = value
-        report["matched"][structure] = {"file": str(path), "how": matched[structure]["how"]}
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    return image, report
+            table = read_annotation_table(annotation_table, structures, structure_names).get(case, {})
+        except (OSError, ValueError) as err:
+            raise InputError(case, annotation_table, f"annotation table {annotation_table}: {err}") from None
+    channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    report: dict[str, Any] = {"folder": str(folder), "matched": {}, "annotated": [],
+                              "unmatched_rois": [by_name[n].name for n in harmonised["unmatched"]],
+                              "not_used": {s: [by_name[n].name for n in names]
+                                           for s, names in harmonised["not_used"].items()},
+                              "annotation_table": str(annotation_table) if annotation_table else None,
+                              "not_annotated_by_table": [], "table_says_contoured_but_no_file": []}
+    for channel, structure in enumerate(structures):
+        hit = harmonised["matched"].get(structure)
+        if table.get(structure) is False:
+            if hit:
+                report["not_annotated_by_table"].append(structure)
+            continue
+        if hit is None:
+            if table.get(structure):
+                report["table_says_contoured_but_no_file"].append(structure)
+            continue
+        path = by_name[hit["roi"]]
+        channels[channel] = read_mask(case, path, reference)
+        report["matched"][structure] = {"file": str(path), "roi": path.name, "how": hit["how"]}
+        report["annotated"].append(structure)
+    return channels, report

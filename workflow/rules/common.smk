@@ -246,11 +246,20 @@ FIGURES = [
 
 
 def get_report_outputs():
-    return [
-        "results/report/metrics_summary.csv",
-        "results/report/cohort.png",
-        "results/report/crop_qa.png",
-    ] + expand("results/report/{figure}.png", figure=FIGURES)
+    return (
+        [
+            "results/report/metrics_summary.csv",
+            "results/report/cohort.png",
+            "results/report/crop_qa.png",
+        ]
+        + expand("results/report/{figure}.png", figure=FIGURES)
+        # issue 13: the ROI names no structure matched (rule tabulate_unmatched_rois, convert.smk)
+        + (
+            ["results/report/unmatched_rois.tsv"]
+            if config["convert"]["labels"] != "none"
+            else []
+        )
+    )
 
 
 # --- training inputs (workflow/rules/train.smk) ---
