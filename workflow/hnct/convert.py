@@ -100,6 +100,17 @@ def _blank_write_time(header: bytes) -> bytes:
     return header[:start] + b"#".ljust(end - start) + header[end:]
 
 
+def blank_write_time_in_file(path: str | Path) -> None:
+    """:func:`_blank_write_time` on a file ``nrrd.write`` wrote (gzip data: the header is patched in
+    place, the blanked comment has the same length)."""
+    with open(path, "r+b") as fh:
+        head = fh.read(8192)
+        end = head.find(b"\n\n")
+        header = head[: end + 1] if end >= 0 else head
+        fh.seek(0)
+        fh.write(_blank_write_time(header))
+
+
 def convert_case(
     case: str,
     dicom_dir: str | Path,

@@ -223,7 +223,7 @@ def write_structures(channels: np.ndarray, geometry: dict[str, Any], path: str |
     LPS grid (``origin``, ``spacing``, ``direction`` as ITK gives them), gzip, atomically."""
     import nrrd
 
-    from hnct.convert import _blank_write_time
+    from hnct.convert import blank_write_time_in_file
 
     axes = np.reshape(np.asarray(geometry["direction"], dtype=float), (3, 3)) * np.asarray(geometry["spacing"])
     header = {
@@ -238,7 +238,7 @@ def write_structures(channels: np.ndarray, geometry: dict[str, Any], path: str |
         # zlib level 1: the sparse 0/1 channels compress almost as well as at pynrrd's default 9, 5x faster.
         nrrd.write(str(tmp), np.ascontiguousarray(channels, dtype=np.uint8), header, index_order="C",
                    compression_level=1)
-        _blank_write_time(tmp)
+        blank_write_time_in_file(tmp)
 
 
 def read_structures(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
