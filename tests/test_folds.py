@@ -203,8 +203,10 @@ def test_segment_folds_follow_the_slice_index_and_list_every_slice(tmp_path):
     cv = folds[folds["fold"] != "test"]
     for k, path in enumerate(written):
         slices = read_tsv(path)
-        assert list(slices.columns) == ["case", "slice", "npz", "positive", "split"]
+        assert list(slices.columns) == ["case", "patient", "slice", "npz", "positive", "split"]
         assert len(slices) == SLICES_PER_CASE * len(cv)
+        # each slice carries its case's patient (the trainer's inner split groups by it)
+        assert (slices["patient"] == slices["case"].map(dict(zip(cv["case"], cv["patient"])))).all()
         val = set(slices.loc[slices["split"] == "val", "case"])
         assert val == set(cv.loc[cv["fold"] == str(k), "case"])
         assert set(slices.loc[slices["split"] == "train", "case"]) == set(cv["case"]) - val
