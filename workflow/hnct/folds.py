@@ -257,15 +257,17 @@ def split_table(labelled: pd.DataFrame, n_folds: int, seed: int, test: str = "no
 # Inner validation split (model selection inside one outer training fold)
 
 
-def inner_split(table: pd.DataFrame, inner_folds: int, seed: int, where: str = "training side") -> np.ndarray:
+def inner_split(table: pd.DataFrame, inner_folds: int, seed: int, where: str = "training side",
+                required_labels: Iterable[int] = (0, 1)) -> np.ndarray:
     """Boolean mask of the inner-validation rows of one outer fold's training side (``case, patient,
     label`` rows): one fold of ``StratifiedGroupKFold(inner_folds, shuffle=True, random_state=seed)``,
     grouped by patient and stratified by the task label as the outer folds are (a patient's scans
     are on one side; about ``1 / inner_folds`` of the patients validate). The first of its folds
-    whose both sides hold every label of the training side is taken (with few patients of a class,
-    a fold can lack it). Model selection (best epoch, early stopping, LR schedule, the
-    classification threshold) reads only these rows; the outer fold is never among them.
-    FoldError naming ``where`` when no fold gives both sides every label.
+    whose both sides hold every one of ``required_labels`` that the training side holds is taken
+    (with few patients of a class, a fold can lack it; classify needs both classes to select on
+    AUC/F1, segment only node-positive cases for Dice). Model selection (best epoch, early stopping,
+    LR schedule, the classification threshold) reads only these rows; the outer fold is never among
+    them. FoldError naming ``where`` when no fold gives both sides those labels.
     """
     if inner_folds < 2:
         raise FoldError(f"{where}: train.inner_folds must be at least 2, not {inner_folds}")
@@ -275,12 +277,12 @@ def inner_split(table: pd.DataFrame, inner_folds: int, seed: int, where: str = "
     if n_patients < inner_folds:
         raise FoldError(f"{where}: {n_patients} training patient(s) cannot be split into train.inner_folds = "
                         f"{inner_folds} patient groups; lower train.inner_folds or add cases")
-    present = set(labels)
+    present = set(labels) & {int(label) for label in required_labels}
     splitter = StratifiedGroupKFold(n_splits=inner_folds, shuffle=True, random_state=int(seed))
     for _, inner_index in splitter.split(np.zeros(len(table)), labels, groups):
         inner = np.zeros(len(table), dtype=bool)
         inner[inner_index] = True
-        if set(labels[inner]) == present == set(labels[~inner]):
+        if present <= set(labels[inner]) and present <= set(labels[~inner]):
             return inner
     counts = ", ".join(f"{int((labels == label).sum())} label-{label}" for label in sorted(present))
     raise FoldError(f"{where}: no inner split (train.inner_folds = {inner_folds}) gives the inner training and "

@@ -22,7 +22,8 @@ folds    ``case_label(case, row, sidecar_path, sidecar, cohort_file, options)``
 training ``prepare(cfg, fold, inputs)`` -> a run object (datasets and augmentation, loss, validation
          through ``hnct.metrics``, prediction writing); ``optimizer(cfg, params)``,
          ``scheduler(optimizer, cfg)``; ``metric_name``, ``history_columns``, ``prediction_columns``;
-         ``selection_metric`` and ``selection_chooses`` (words for :func:`selection_caption`)
+         ``selection_metric`` and ``selection_chooses`` (words for :func:`selection_caption`),
+         ``inner_required_labels`` (labels both sides of the inner split hold)
 
 Model selection never sees the reported data (``train.selection``, shared by every task):
 ``inner`` (default): ``prepare`` holds :func:`inner_rows` of the outer fold's training side out of
@@ -82,6 +83,8 @@ class Task:
     # what the caption says the epoch is selected on, and what else the inner validation chooses
     selection_metric: ClassVar[str] = ""
     selection_chooses: ClassVar[str] = "the epoch"
+    # labels both sides of the inner split must hold (where the training side has them)
+    inner_required_labels: ClassVar[tuple[int, ...]] = (0, 1)
     history_columns: ClassVar[tuple[str, ...]] = ()
     prediction_columns: ClassVar[tuple[str, ...]] = ()
     # JSON schema of ``train.<name>`` for a plugin task (built-in tasks: config/schema.yaml)
@@ -240,10 +243,11 @@ def train_section(task: str, given: dict[str, Any]) -> dict[str, Any]:
 SELECTION_MODES = ("inner", "fixed")
 
 
-def inner_rows(cfg: dict[str, Any], rows, where: str):
+def inner_rows(cfg: dict[str, Any], rows, where: str, required_labels: tuple[int, ...] = (0, 1)):
     """Boolean mask of the inner-validation rows (``case, patient, label``) of an outer fold's
     training side: :func:`hnct.folds.inner_split` with ``train.inner_folds`` and ``train.seed`` for
-    ``train.selection: inner``; all False for ``fixed``. ``where`` names the fold in errors."""
+    ``train.selection: inner`` (both sides hold ``required_labels``: the task's
+    ``inner_required_labels``); all False for ``fixed``. ``where`` names the fold in errors."""
     import numpy as np
 
     from hnct.folds import inner_split
@@ -252,7 +256,7 @@ def inner_rows(cfg: dict[str, Any], rows, where: str):
         raise ValueError(f"train.selection must be one of {', '.join(SELECTION_MODES)}, not {cfg['selection']!r}")
     if cfg["selection"] == "fixed":
         return np.zeros(len(rows), dtype=bool)
-    return inner_split(rows, int(cfg["inner_folds"]), int(cfg["seed"]), where)
+    return inner_split(rows, int(cfg["inner_folds"]), int(cfg["seed"]), where, required_labels)
 
 
 def selection_caption(task: str, config: dict[str, Any]) -> str:

@@ -76,7 +76,7 @@ class Classify(Task):
         test_rows = hdata.read_test_cases(folds_tsv)
         listed = pd.concat([train_rows["case"], val_rows["case"], test_rows["case"]])
         sidecars = hdata.given_or_found_sidecars(inputs.get("crop_sidecars"), inputs.get("crops_dir"), listed)
-        inner = inner_rows(cfg, train_rows, f"{folds_tsv} fold {fold}")
+        inner = inner_rows(cfg, train_rows, f"{folds_tsv} fold {fold}", cls.inner_required_labels)
         log.info("%d train, %d inner validation, %d outer validation and %d test cases", int((~inner).sum()),
                  int(inner.sum()), len(val_rows), len(test_rows))
         if test_rows.empty:

@@ -41,6 +41,8 @@ class Segment(Task):
     metric_name = "inner_dice"
     selection_metric = "pooled Dice at 0.5 (ties: the lower loss)"
     selection_chooses = "the epoch and the learning-rate schedule (ReduceLROnPlateau)"
+    # Dice needs node-positive cases on both sides; node-negative ones may all train (few patients)
+    inner_required_labels = (1,)
     history_columns = ("epoch", "train_loss", "inner_loss", "inner_dice", "inner_f1", "lr", "seconds")
     prediction_columns = ("case", "slice", "prob_npz", "fold")
 
@@ -145,7 +147,7 @@ class SegmentRun:
         # the inner split is by patient (never by slice), stratified by whether a case is node-positive
         cases = train_table.groupby("case", sort=True).agg(patient=("patient", "first"),
                                                             label=("target", lambda ts: int(any(t.any() for t in ts))))
-        inner = cases.index[inner_rows(cfg, cases, f"{fold_slices_tsv} fold {fold}")]
+        inner = cases.index[inner_rows(cfg, cases, f"{fold_slices_tsv} fold {fold}", Segment.inner_required_labels)]
         is_inner = train_table["case"].isin(set(inner))
         self.train_table = train_table[~is_inner].reset_index(drop=True)
         self.inner_table = train_table[is_inner].reset_index(drop=True)
