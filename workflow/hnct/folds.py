@@ -49,6 +49,8 @@ from hnct.tasks import add_plugins_argument, load_plugins
 log = logging.getLogger("hnct.folds")
 
 TEST_MODES = ("none", "column", "fraction")
+# What to do when a fold's training side is too small for an inner split.
+INNER_REMEDY = "lower train.inner_folds, add cases, or train a fixed number of epochs (train.selection: fixed)"
 # Seeded StratifiedGroupKFold shuffles tried; the most balanced one is kept (see module doc).
 N_SHUFFLES = 32
 FOLDS_COLUMNS = ["case", "patient", "collection", "label", "fold"]
@@ -276,10 +278,14 @@ def inner_split(table: pd.DataFrame, inner_folds: int, seed: int, where: str = "
     n_patients = len(set(groups))
     if n_patients < inner_folds:
         raise FoldError(f"{where}: {n_patients} training patient(s) cannot be split into train.inner_folds = "
-                        f"{inner_folds} patient groups; lower train.inner_folds or add cases")
+                        f"{inner_folds} patient groups; {INNER_REMEDY}")
     present = set(labels) & {int(label) for label in required_labels}
     splitter = StratifiedGroupKFold(n_splits=inner_folds, shuffle=True, random_state=int(seed))
-    for _, inner_index in splitter.split(np.zeros(len(table)), labels, groups):
+    try:
+        splits = list(splitter.split(np.zeros(len(table)), labels, groups))
+    except ValueError as error:  # e.g. every class has fewer cases than inner_folds
+        raise FoldError(f"{where}: no inner split (train.inner_folds = {inner_folds}): {error}; {INNER_REMEDY}") from None
+    for _, inner_index in splits:
         inner = np.zeros(len(table), dtype=bool)
         inner[inner_index] = True
         if present <= set(labels[inner]) and present <= set(labels[~inner]):
@@ -287,7 +293,7 @@ def inner_split(table: pd.DataFrame, inner_folds: int, seed: int, where: str = "
     counts = ", ".join(f"{int((labels == label).sum())} label-{label}" for label in sorted(present))
     raise FoldError(f"{where}: no inner split (train.inner_folds = {inner_folds}) gives the inner training and "
                     f"inner validation sides every label ({counts} case(s) of {n_patients} patients on the "
-                    f"training side); lower train.inner_folds or add cases")
+                    f"training side); {INNER_REMEDY}")
 
 def nnunet_splits(folds: pd.DataFrame, n_folds: int) -> list[dict[str, list[str]]]:
     """nnU-Net's ``splits_final.json``: per fold, the other folds' cases train, this fold's validate."""
