@@ -266,7 +266,8 @@ def selection_caption(task: str, config: dict[str, Any]) -> str:
     section = train.get(task, {})
     epochs, patience = section.get("epochs"), section.get("patience")
     if train["selection"] == "fixed":
-        return (f"{task}: {epochs} epochs on each outer fold's whole training side and the last epoch's model, "
+        return (f"{task}: {epochs} epoch{'' if epochs == 1 else 's'} on each outer fold's whole training side "
+                f"and the last epoch's model, "
                 f"no model selection and no tuned threshold; the outer fold is predicted once, after training.")
     return (f"{task}: {spec.selection_chooses} chosen on an inner validation split of each outer fold's "
             f"training side (1/{train['inner_folds']} of its patients, grouped by patient, stratified, "
