@@ -76,9 +76,9 @@ def test_trainer_predicts_the_test_set_it_never_trained_or_validated_on(tmp_path
         best = torch.load(out / "best.pt", weights_only=True)
         used = best["cases"]
         assert sorted(used["test"]) == sorted(test_cases)
-        assert not set(used["test"]) & (set(used["train"]) | set(used["val"]))
+        assert not set(used["test"]) & (set(used["train"]) | set(used["inner"]) | set(used["val"]))
         assert sorted(used["val"]) == sorted(folds.loc[folds["fold"] == str(fold), "case"])
-        assert sorted(used["train"] + used["val"]) == sorted(folds.loc[folds["fold"] != "test", "case"])
+        assert sorted(used["train"] + used["inner"] + used["val"]) == sorted(folds.loc[folds["fold"] != "test", "case"])
         # ...and the validation predictions never list a test case.
         assert not set(pd.read_csv(out / "val_predictions.csv", dtype={"case": str})["case"]) & set(test_cases)
 

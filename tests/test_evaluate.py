@@ -21,10 +21,11 @@ def write_predictions(path, labels, probability, fold=2):
     return frame
 
 
-def run(tmp_path, predictions, fold=2, model="resnet18"):
+def run(tmp_path, predictions, fold=2, model="resnet18", inner=None):
     out_metrics, out_per_case = tmp_path / "out" / "metrics.json", tmp_path / "out" / "per_case.csv"
     code = main(["--task", "classify", "--predictions", str(predictions), "--out-metrics", str(out_metrics),
-                 "--out-per-case", str(out_per_case), "--model", model, "--fold", str(fold)])
+                 "--out-per-case", str(out_per_case), "--model", model, "--fold", str(fold)]
+                + (["--inner-predictions", str(inner)] if inner else []))
     return code, out_metrics, out_per_case
 
 
@@ -34,7 +35,12 @@ def test_classify_fold_metrics_match_scikit_learn(tmp_path):
     labels[:2] = [1, 0]
     probability = np.round(np.clip(0.35 * labels + rng.normal(0.3, 0.2, 80), 0, 1), 2)
     write_predictions(tmp_path / "val_predictions.csv", labels, probability)
-    code, out_metrics, out_per_case = run(tmp_path, tmp_path / "val_predictions.csv")
+    # the selected model's inner-validation predictions (training side): the Youden threshold comes from them
+    inner_labels = np.array([1, 0] * 10)
+    inner_probability = np.round(np.clip(0.3 * inner_labels + rng.normal(0.35, 0.15, 20), 0, 1), 2)
+    write_predictions(tmp_path / "inner_predictions.csv", inner_labels, inner_probability)
+    code, out_metrics, out_per_case = run(tmp_path, tmp_path / "val_predictions.csv",
+                                          inner=tmp_path / "inner_predictions.csv")
     assert code == 0
     metrics = json.loads(out_metrics.read_text())
     assert (metrics["task"], metrics["model"], metrics["fold"]) == ("classify", "resnet18", 2)
@@ -49,8 +55,9 @@ def test_classify_fold_metrics_match_scikit_learn(tmp_path):
         assert metrics[block]["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, predicted), abs=1e-9)
         assert metrics[block]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predicted), abs=1e-9)
         assert metrics[block]["confusion_matrix"] == skm.confusion_matrix(labels, predicted).tolist()
-    fpr, tpr, _ = skm.roc_curve(labels, probability)
-    assert metrics["thresholds"]["youden_j"] == pytest.approx((tpr - fpr).max(), abs=1e-9)
+    fpr, tpr, _ = skm.roc_curve(inner_labels, inner_probability)
+    assert metrics["thresholds"]["youden_j"] == pytest.approx((tpr - fpr).max(), abs=1e-9)  # J on the inner set
+    assert "inner_predictions.csv" in metrics["thresholds"]["youden_chosen_on"]
     per_case = pd.read_csv(out_per_case)
     assert list(per_case.columns) == ["case", "fold", "label", "probability", "pred_at_0.5", "pred_at_youden",
                                       "squared_error"]

@@ -203,8 +203,10 @@ def test_segment_folds_follow_the_slice_index_and_list_every_slice(tmp_path):
     cv = folds[folds["fold"] != "test"]
     for k, path in enumerate(written):
         slices = read_tsv(path)
-        assert list(slices.columns) == ["case", "slice", "npz", "positive", "split"]
+        assert list(slices.columns) == ["case", "patient", "slice", "npz", "positive", "split"]
         assert len(slices) == SLICES_PER_CASE * len(cv)
+        # each slice carries its case's patient (the trainer's inner split groups by it)
+        assert (slices["patient"] == slices["case"].map(dict(zip(cv["case"], cv["patient"])))).all()
         val = set(slices.loc[slices["split"] == "val", "case"])
         assert val == set(cv.loc[cv["fold"] == str(k), "case"])
         assert set(slices.loc[slices["split"] == "train", "case"]) == set(cv["case"]) - val
@@ -243,3 +245,34 @@ def test_a_task_without_any_usable_case_says_why(tmp_path):
         path.write_text(json.dumps(sidecar))
     with pytest.raises(FoldError, match=r"task segment: all 6 cases are excluded, e.g. 'no label map"):
         split_folds(data["cohort"], data["sidecars"], tmp_path / "segment", "segment", n_folds=2, seed=0)
+
+
+def test_inner_split_holds_out_whole_patients_of_both_classes_reproducibly():
+    """hnct.folds.inner_split: the trainer's inner validation (model selection) inside one outer
+    training fold: grouped by patient, stratified, seeded; a clear error when it cannot be made."""
+    from hnct.folds import inner_split
+
+    rows = []
+    for p in range(30):
+        for scan in range(2 if p % 5 == 0 else 1):
+            rows.append({"case": f"P{p:02d}_s{scan}", "patient": f"P{p:02d}", "label": int(p % 3 == 0)})
+    table = pd.DataFrame(rows)
+    inner = inner_split(table, 5, seed=3, where="fold 0")
+    np.testing.assert_array_equal(inner, inner_split(table, 5, seed=3, where="fold 0"))  # seeded
+    assert not np.array_equal(inner, inner_split(table, 5, seed=4, where="fold 0"))
+    patients_in, patients_out = set(table.loc[inner, "patient"]), set(table.loc[~inner, "patient"])
+    assert not patients_in & patients_out  # a two-scan patient is on one side
+    assert len(patients_in) == 6  # 1/5 of 30 patients
+    assert set(table.loc[inner, "label"]) == {0, 1} == set(table.loc[~inner, "label"])
+    assert abs(table.loc[inner, "label"].mean() - table["label"].mean()) < 0.15  # stratified
+    # one class only (segmentation with no node-negative training case) still splits
+    assert inner_split(table.assign(label=1), 5, seed=3).any()
+    with pytest.raises(FoldError, match="fold 2: 4 training patient.*train.inner_folds = 5"):
+        inner_split(table[table["patient"].isin(["P00", "P01", "P02", "P03"])], 5, seed=0, where="fold 2")
+    one_positive = table[table["patient"].isin(["P00", "P01", "P02", "P04", "P05"])].iloc[1:]
+    with pytest.raises(FoldError, match="fold 1: no inner split .*1 label-1"):
+        inner_split(one_positive, 2, seed=0, where="fold 1")
+    # segment requires node-positive cases on both sides only: a lone node-negative patient may train
+    lone_negative = one_positive.assign(label=1 - one_positive["label"])
+    inner = inner_split(lone_negative, 2, seed=0, required_labels=(1,))
+    assert set(lone_negative.loc[inner, "label"]) >= {1} and set(lone_negative.loc[~inner, "label"]) >= {1}

@@ -42,7 +42,8 @@ SMALL = {
     "folds": {"n_folds": 2},
     "tasks": ["classify", "segment"],
     "models": {"classify": ["cnn3d"], "segment": ["unet"]},
-    "train": {"classify": {"epochs": 1, "input_shape": [16, 16, 16], "cnn3d_channels": [4]},
+    # one epoch on a fold's 3 training cases: nothing to select on (an inner split needs more patients)
+    "train": {"selection": "fixed", "classify": {"epochs": 1, "input_shape": [16, 16, 16], "cnn3d_channels": [4]},
               "segment": {"epochs": 1, "input_size": 32, "unet_features": [4, 4, 4, 4, 4, 4]}},
     "report": {"bootstrap": 20, "dpi": 50},
     "resources": {"train_threads": 1},

@@ -78,8 +78,8 @@ def make_cohort(root: Path, n_cases: int = 40, seed: int = 3, n_folds: int = 2,
 
 
 def classify_cfg(**overrides) -> dict:
-    cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1,
-           "input_shape": [SIZE, SIZE, SIZE], "fit": "resize", "epochs": 12, "batch_size": 4, "lr": 3e-3,
+    cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1, "selection": "inner",
+           "inner_folds": 2, "input_shape": [SIZE, SIZE, SIZE], "fit": "resize", "epochs": 12, "batch_size": 4, "lr": 3e-3,
            "weight_decay": 0.0, "optimizer": "adam", "patience": 20, "focal_gamma": 2.0,
            "class_weights": [1.0, 1.0], "weighted_sampler": False, "hu_clip": [-300, 300],
            "augment": False, "cnn3d_channels": [8, 16, 32]}
@@ -106,7 +106,8 @@ def test_classify_learns_the_synthetic_task_and_not_shuffled_labels(tmp_path):
         outs = []
         for fold in (0, 1):
             out = root / "train" / f"fold{fold}"
-            train_fold("classify", "cnn3d", fold, out, classify_cfg(), folds_tsv=folds_tsv,
+            # every training case trains (no inner split) for the 12 epochs: learnability, not selection
+            train_fold("classify", "cnn3d", fold, out, classify_cfg(selection="fixed"), folds_tsv=folds_tsv,
                        crop_sidecars=sidecars)
             outs.append(out)
         results[shuffled] = mean_fold_auc(outs)
@@ -161,7 +162,7 @@ def test_same_seed_gives_identical_history(tmp_path):
         train_fold("classify", "cnn3d", 0, tmp_path / run, classify_cfg(epochs=2, augment=True),
                    folds_tsv=folds_tsv, crop_sidecars=sidecars)
         histories.append(pd.read_csv(tmp_path / run / "history.csv"))
-    columns = ["train_loss", "val_loss", "val_auc", "val_f1"]
+    columns = ["train_loss", "inner_loss", "inner_auc", "inner_f1"]
     pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns], check_exact=True)
     # and a different seed changes them (the comparison above can fail)
     train_fold("classify", "cnn3d", 0, tmp_path / "c", classify_cfg(epochs=2, augment=True, seed=1),
@@ -301,7 +302,7 @@ def make_slices(root: Path, n_cases: int = 4, n_slices: int = 6, shape=(30, 34))
             np.savez(npz, image=np.clip(hu, -160, 240).astype(np.int16), mask=mask,
                      spacing=np.array([1.0, 1.0]), origin=np.zeros(3), direction=np.eye(3).ravel(),
                      slice_index=k, z_mm=float(k), window=np.array([40.0, 400.0]))
-            rows.append({"case": case, "slice": k, "npz": str(npz), "positive": int(k % 2 == 0),
+            rows.append({"case": case, "patient": case, "slice": k, "npz": str(npz), "positive": int(k % 2 == 0),
                          "split": "val" if c == 0 else "train"})
         sidecar = root / "slices" / f"{case}.json"
         write_json(sidecar, {"case": case, "status": "ok", "labels": {"1": "Larynx", "2": "GTVp", "3": "GTVn"}})
@@ -334,7 +335,8 @@ def test_balanced_sampling_redraws_negatives_each_epoch():
 @pytest.mark.parametrize("model_name", ["unet", "snet"])
 def test_segment_runs_through_the_same_trainer(tmp_path, model_name):
     tsv, sidecars = make_slices(tmp_path)
-    cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1, "input_size": 32,
+    cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1, "selection": "inner",
+           "inner_folds": 2, "input_size": 32,
            "epochs": 2, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-4, "patience": 10,
            "structure": "GTVn", "snet_width": 4, "unet_features": [4, 4, 8, 16, 32, 4], "augment": True}
     out = tmp_path / model_name

@@ -1,11 +1,14 @@
 """evaluate{task, model, fold}: metrics of one validation fold.
 
 classify: reads ``val_predictions.csv`` (``case, label, probability, fold``; probability = P(T4))
-and writes
+of the outer fold and ``inner_predictions.csv`` (the same columns: the selected model's
+inner-validation cases, from the training side of the split) and writes
 
 * ``metrics.json``: ``task, model, fold, n_cases, n_positive, n_negative``, the threshold-free
   ``auc`` (ROC-AUC), ``pr_auc`` (average precision), ``brier``; ``thresholds`` (``default`` 0.5,
-  ``youden`` chosen on this fold's predictions by Youden's J, and ``youden_j``); ``at_0.5`` and
+  ``youden`` chosen by Youden's J on the **inner** predictions and applied unchanged to the outer
+  fold, ``youden_j`` there, ``youden_chosen_on``; no inner predictions (``train.selection: fixed``,
+  or none given): NaN with the reason, never a threshold chosen on the fold it scores); ``at_0.5`` and
   ``at_youden`` (accuracy, balanced accuracy, macro-F1, T4 sensitivity, specificity, MCC,
   confusion matrix ``[[tn, fp], [fn, tp]]``); ``reasons``/``reason`` for every NaN (a fold with one
   class never fails). NaN is written as JSON ``null``. See :mod:`hnct.metrics.classification`.
@@ -25,7 +28,8 @@ test set (``fold == "test"`` in folds.tsv) predicted by every fold's best model
   ``probability`` is the mean of the fold models' P(T4) (the 5-fold ensemble);
 * ``metrics.json``: the ensemble's metrics, the same keys as a fold's ``metrics.json``
   (:func:`hnct.metrics.classification.evaluate_predictions`, headline threshold 0.5 on the averaged
-  probability; ``at_youden`` is chosen on the test predictions themselves, so it is optimistic),
+  probability; ``at_youden`` applies each fold's inner threshold (metrics.json ``thresholds.youden``)
+  to that fold's test predictions, and their mean to the ensemble's: never chosen on the test set),
   ``setting: test_ensemble``, ``per_fold`` (each fold model's own test metrics with its validation
   AUC and macro-F1) and ``best_fold``: the **single best fold**, the fold whose model has the highest
   validation ROC-AUC (``auc`` of ``results/evaluate/classify/{model}/fold{k}/metrics.json``; ties:
@@ -51,7 +55,7 @@ import pandas as pd
 
 from hnct.common import atomic_path, setup_logging, write_json
 from hnct.metrics import json_safe
-from hnct.metrics.classification import DEFAULT_THRESHOLD, check_inputs, evaluate_predictions
+from hnct.metrics.classification import DEFAULT_THRESHOLD, check_inputs, evaluate_predictions, youden_threshold
 from hnct.tasks import add_plugins_argument, get_task, load_plugins
 from hnct.tasks.classify import Classify
 
@@ -94,17 +98,35 @@ def read_classify_predictions(path: str | Path, fold: int | None = None, allow_e
     return table.assign(label=table["label"].astype(int)).sort_values("case").reset_index(drop=True)
 
 
+def inner_threshold(inner_predictions: str | Path | None, fold: int | None = None) -> tuple[float, float, str]:
+    """``(threshold, J, chosen_on)``: Youden's J on the selected model's inner-validation predictions
+    (hnct.train's ``inner_predictions.csv``); NaN with the reason when there are none or one class."""
+    if inner_predictions is None:
+        return math.nan, math.nan, "no inner-validation predictions given"
+    table = read_classify_predictions(inner_predictions, fold, allow_empty=True, what="inner predictions")
+    if table.empty:
+        return math.nan, math.nan, f"{inner_predictions} is empty (train.selection: fixed has no inner validation)"
+    value, j = youden_threshold(table["label"].to_numpy(int), table["probability"].to_numpy(float))
+    where = f"the inner validation ({len(table)} cases, {int(table['label'].sum())} T4) of {inner_predictions}"
+    if not math.isfinite(value):
+        return value, j, f"{where} holds one class"
+    return value, j, where
+
+
 def evaluate_classify(predictions: str | Path, out_metrics: str | Path, out_per_case: str | Path,
                       model: str, fold: int, threshold: float = DEFAULT_THRESHOLD,
-                      task: str = Classify.name) -> dict[str, Any]:
-    """Write ``metrics.json`` and ``per_case.csv`` of one classification fold; returns the metrics."""
+                      task: str = Classify.name, inner_predictions: str | Path | None = None) -> dict[str, Any]:
+    """Write ``metrics.json`` and ``per_case.csv`` of one classification fold; returns the metrics.
+    ``inner_predictions``: where the Youden threshold is chosen (None: it is not reported)."""
     table = read_classify_predictions(predictions, fold)
     labels = table["label"].to_numpy(int)
     probability = table["probability"].to_numpy(float)
-    metrics = evaluate_predictions(labels, probability, default_threshold=threshold)
+    metrics = evaluate_predictions(labels, probability, default_threshold=threshold,
+                                   youden=inner_threshold(inner_predictions, fold))
     if metrics["reason"]:
         log.warning("%s fold %s: %s", model, fold, metrics["reason"])
-    payload = {"task": task, "model": model, "fold": int(fold), "predictions": str(predictions), **metrics}
+    payload = {"task": task, "model": model, "fold": int(fold), "predictions": str(predictions),
+               "inner_predictions": str(inner_predictions or ""), **metrics}
     youden = metrics["thresholds"]["youden"]
     per_case = pd.DataFrame({
         "case": table["case"],
@@ -144,6 +166,23 @@ def choose_best_fold(val_metrics: list[dict[str, Any]]) -> int:
                                                 -_score((m.get(f"at_{DEFAULT_THRESHOLD:g}") or {}).get("f1_macro")),
                                                 int(m["fold"])))
     return int(ranked[0]["fold"])
+
+
+def fold_threshold(val_metrics: dict[str, Any]) -> tuple[float, float, str]:
+    """The inner-validation Youden threshold a fold's metrics.json holds, to apply to its test predictions."""
+    thresholds = val_metrics.get("thresholds") or {}
+    value = thresholds.get("youden")
+    chosen_on = str(thresholds.get("youden_chosen_on") or "no inner threshold in the fold's metrics.json")
+    j = thresholds.get("youden_j")
+    return (math.nan if value is None else float(value), math.nan if j is None else float(j), chosen_on)
+
+
+def ensemble_threshold(fold_youden: list[tuple[float, float, str]]) -> tuple[float, float, str]:
+    """The ensemble's threshold: the mean of the fold models' inner thresholds (NaN unless all have one)."""
+    values = [value for value, _, _ in fold_youden]
+    if not values or not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan, "a fold model has no inner-validation threshold"
+    return float(np.mean(values)), math.nan, f"the mean of the {len(values)} fold models' inner-validation thresholds"
 
 
 def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Path], out_predictions: str | Path,
@@ -188,10 +227,12 @@ def ensemble_test(test_predictions: list[str | Path], val_metrics: list[str | Pa
     labels = reference["label"].to_numpy(int)
     stacked = np.stack([t["probability"].to_numpy(float) for t in tables])  # (folds, cases)
     probability = stacked.mean(axis=0)
-    metrics = evaluate_predictions(labels, probability, default_threshold=threshold)
+    fold_youden = [fold_threshold(val) for val in folds_val]
+    metrics = evaluate_predictions(labels, probability, default_threshold=threshold,
+                                   youden=ensemble_threshold(fold_youden))
     per_fold = []
-    for fold, val, row in zip(folds, folds_val, stacked):
-        fold_metrics = evaluate_predictions(labels, row, default_threshold=threshold)
+    for fold, val, row, youden in zip(folds, folds_val, stacked, fold_youden):
+        fold_metrics = evaluate_predictions(labels, row, default_threshold=threshold, youden=youden)
         per_fold.append({"fold": fold, "val_auc": val.get("auc"),
                          "val_f1_macro": (val.get(f"at_{threshold:g}") or {}).get("f1_macro"), **fold_metrics})
     best = next(entry for entry in per_fold if entry["fold"] == best_fold)
@@ -244,12 +285,15 @@ def classify_main(argv: list[str]) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--fold", required=True, type=int)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="default P(T4) threshold")
+    parser.add_argument("--inner-predictions",
+                        help="inner_predictions.csv of the same model: the Youden threshold is chosen there "
+                             "(without it, no Youden threshold is reported)")
     parser.add_argument("--log", help="log file (also logged to stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
     try:
         evaluate_classify(args.predictions, args.out_metrics, args.out_per_case, args.model, args.fold,
-                          threshold=args.threshold, task=args.task)
+                          threshold=args.threshold, task=args.task, inner_predictions=args.inner_predictions)
     except PredictionsError as err:
         log.error("%s", err)
         return 1

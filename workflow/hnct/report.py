@@ -63,7 +63,7 @@ SEGMENT_COLUMNS = {
 # A task's report_kind (hnct.tasks) picks its columns, its pooled CIs and its figures.
 KIND_COLUMNS = {"classification": CLASSIFY_COLUMNS, "segmentation": SEGMENT_COLUMNS}
 CLASSIFICATION = "classification"
-METRIC_TITLES = {"val_auc": "AUC", "val_dice": "Dice"}
+METRIC_TITLES = {"inner_auc": "AUC", "inner_dice": "Dice"}
 
 
 def report_kind(task: str) -> str:
@@ -550,27 +550,34 @@ def plot_calibration(prediction_files: list[str], png: str | Path, style: dict, 
 
 
 def plot_training_curves(history_files: list[str], png: str | Path, style: dict) -> None:
+    """One column per task x model: loss (training solid, inner validation dashed: the same loss
+    definition, hnct.train) above the inner-validation metric, one colour per fold. The outer folds
+    the metrics tables report are in no curve (history.csv never holds them)."""
     plt = _pyplot(style)
     grouped: dict[tuple[str, str], list[Path]] = {}
     for f in history_files:
         path = Path(f)
         grouped.setdefault((path.parts[-4], path.parts[-3]), []).append(path)
     keys = sorted(grouped)
-    fig, axes = plt.subplots(2, max(1, len(keys)), figsize=(3.0 * max(1, len(keys)), 5.6), squeeze=False)
+    columns = max(1, len(keys))
+    fig, axes = plt.subplots(2, columns, figsize=(3.4 * columns, 6.0), squeeze=False)
     for col, (task, model) in enumerate(keys):
         loss_ax, metric_ax = axes[0, col], axes[1, col]
+        metric = get_task(task).metric_name
         for fold_file in sorted(grouped[(task, model)]):
             history = pd.read_csv(fold_file)
             fold = fold_file.parent.name
-            line, = loss_ax.plot(history["epoch"], history["train_loss"], lw=1, label=f"{fold} train")
-            if "val_loss" in history:
-                loss_ax.plot(history["epoch"], history["val_loss"], lw=1, ls="--", color=line.get_color())
-            metric = get_task(task).metric_name
+            line, = loss_ax.plot(history["epoch"], history["train_loss"], lw=1, label=fold)
+            if "inner_loss" in history:
+                loss_ax.plot(history["epoch"], history["inner_loss"], lw=1, ls="--", color=line.get_color())
             if metric in history:
                 metric_ax.plot(history["epoch"], history[metric], lw=1, color=line.get_color(), label=fold)
-        loss_ax.set(title=f"{task}/{model}: loss (dashed: val)", xlabel="epoch", ylabel="loss")
-        metric = get_task(task).metric_name
-        metric_ax.set(title="validation " + METRIC_TITLES.get(metric, metric), xlabel="epoch", ylim=(0, 1.02))
+        # two short lines per title: long one-line titles of neighbouring columns ran into each other
+        loss_ax.set_title(f"{task} / {model}\nloss: train —, inner val - -", fontsize="small")
+        loss_ax.set(xlabel="epoch", ylabel="loss")
+        metric_ax.set_title(f"{task} / {model}\ninner-validation {METRIC_TITLES.get(metric, metric)}",
+                            fontsize="small")
+        metric_ax.set(xlabel="epoch", ylim=(0, 1.02))
         metric_ax.legend(fontsize="x-small")
     fig.tight_layout()
     save_figure(fig, png)

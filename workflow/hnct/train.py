@@ -4,16 +4,29 @@ The task (hnct.tasks: data, augmentation, loss, optimizer and schedule, validati
 writing) and the model (hnct.models) come from the registries; this module is the loop they share:
 ``train_fold`` = restore, then per epoch ``run_epoch`` -> ``validate`` -> ``checkpoint``, then ``finish``.
 
+Model selection never sees the outer validation fold (``train.selection``; hnct.tasks' doc has the
+run interface): with ``inner`` the task holds an inner, patient-grouped, stratified split of the
+outer fold's training side out of training, and ``validate`` (best epoch, early stopping after
+``patience`` epochs without improvement, the task's LR scheduler) reads that inner validation only;
+with ``fixed`` every epoch trains on the whole training side, nothing is validated and the last
+epoch's model is kept. After training the kept model predicts the outer fold once
+(``val_predictions.csv``), the inner validation (``inner_predictions.csv``) and the test set.
+
 Outputs in ``out_dir`` (``results/train/{task}/{model}/fold{fold}/``), written atomically and only when
 training has finished (early stop or last epoch):
 ``best.pt``              tensors and plain data only (``torch.load(..., weights_only=True)``):
-                         ``model_state, model, task, config, epoch, metric, cases, fingerprint, versions``
-                         (best validation epoch; ``cases``: the ``train``, ``val`` and ``test`` case IDs
-                         this run used)
-``best.json``            the same without the weights (config, versions, fingerprint, epoch, metric, cases)
-``history.csv``          the task's ``history_columns`` (epochs from 1)
-``val_predictions.csv``  the task's ``prediction_columns`` (classify ``case, label, probability, fold``;
-                         segment ``case, slice, prob_npz, fold`` with ``val_probs/{case}.npz``)
+                         ``model_state, model, task, config, epoch, metric, selection, cases,
+                         fingerprint, versions`` (the selected epoch and its inner-validation metric;
+                         ``selection``: mode, inner_folds, metric; ``cases``: the ``train``, ``inner``
+                         (selection), ``val`` (outer fold) and ``test`` case IDs this run used)
+``best.json``            the same without the weights
+``history.csv``          the task's ``history_columns`` (epochs from 1): training loss (of the main
+                         output, the definition the inner loss uses) and inner-validation loss and
+                         metrics, never the outer fold's (NaN with ``selection: fixed``)
+``val_predictions.csv``  the task's ``prediction_columns`` of the outer fold (classify ``case, label,
+                         probability, fold``; segment ``case, slice, prob_npz, fold`` with
+                         ``val_probs/{case}.npz``), written once by the selected model
+``inner_predictions.csv`` the same for the inner validation cases (header only with ``fixed``)
 ``test_predictions.csv`` the same columns for the held-out test cases of folds.tsv (``fold == "test"``),
                          predicted by the best model; no test set (or a task without test-set
                          prediction, segment): the header and no rows.
@@ -228,7 +241,11 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total += float(loss.detach()) * len(batch["image"])
+            # deep supervision ([main, aux...]) optimises the sum; the curve shows the main output's
+            # loss, the one validation computes (the model returns only the main output in eval mode)
+            recorded = (self.run.loss(outputs[0].detach(), batch) if isinstance(outputs, (list, tuple))
+                        else loss.detach())
+            total += float(recorded) * len(batch["image"])
             count += len(batch["image"])
             if stop.signum is not None:
                 # the interrupted epoch reruns from its start on resume
@@ -236,24 +253,31 @@ class Trainer:
                 raise StopRequested(stop.signum)
         return total / max(count, 1)
 
-    # ---- step: validate, keep the best model, count patience
+    @property
+    def selecting(self) -> bool:
+        """``train.selection: inner``: epochs are validated and selected on the inner split."""
+        return self.cfg["selection"] == "inner"
+
+    # ---- step: validate on the inner split, keep the best model, count patience
     def validate(self, epoch: int, train_loss: float, started: float, done: Progress) -> dict[str, Any]:
-        metrics, _ = self.run.validate(self.model, self.device, self.num_workers, self.amp)
-        if self.scheduler is not None:
+        metrics = self.run.validate(self.model, self.device, self.num_workers, self.amp)[0] if self.selecting else {}
+        if self.selecting and self.scheduler is not None:
             self.scheduler.step(metrics[self.task.metric_name])
         row = {"epoch": epoch, "train_loss": train_loss, **metrics,
                "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
-        done.history.append({c: row[c] for c in self.task.history_columns})
-        score = self.run.selection(metrics)
-        if done.best_score is None or score > done.best_score:
+        done.history.append({c: row.get(c, math.nan) for c in self.task.history_columns})
+        score = self.run.selection(metrics) if self.selecting else None
+        if not self.selecting:  # fixed: the last epoch is the model
+            done.best_epoch = epoch
+        elif done.best_score is None or score > done.best_score:
             done.best_score, done.best_epoch, done.stale = score, epoch, 0
             save_checkpoint({"model_state": self.model.state_dict(), "epoch": epoch}, self.best_model_path)
         else:
             done.stale += 1
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, %s %.3f, val F1 %.3f, %.1f s%s", epoch,
-                 int(self.cfg["epochs"]), row["train_loss"], row["val_loss"], self.task.metric_name,
-                 row[self.task.metric_name], row["val_f1"], row["seconds"],
-                 " (best)" if done.best_epoch == epoch else "")
+        measured = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        log.info("epoch %d/%d: train loss %.4f%s, %.1f s%s", epoch, int(self.cfg["epochs"]), train_loss,
+                 f", {measured}" if measured else "", row["seconds"],
+                 " (best)" if self.selecting and done.best_epoch == epoch else "")
         return row
 
     # ---- step: checkpoint
@@ -267,24 +291,27 @@ class Trainer:
                          "fingerprint": self.fingerprint}, self.last_path)
         log.info("checkpoint: epoch %d -> %s", completed_epoch, self.last_path)
 
-    # ---- step: finish (the declared outputs, each atomically, best model first)
+    # ---- step: finish (the declared outputs, each atomically, selected model first)
     def finish(self, done: Progress) -> dict[str, Any]:
-        best = load_checkpoint(self.best_model_path, self.device)
-        self.model.load_state_dict(best["model_state"])
+        if self.selecting:
+            self.model.load_state_dict(load_checkpoint(self.best_model_path, self.device)["model_state"])
+        # fixed: the weights in memory are the last epoch's (restored from last.pt when resumed)
+        model_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         args = (self.model, self.device, self.num_workers, self.amp, self.out_dir)
-        self.run.write_predictions(*args, self.out_dir / "val_predictions.csv")
-        # the held-out test cases, by the same (early-stopping) best model
-        self.run.write_predictions(*args, self.out_dir / "test_predictions.csv", split="test")
+        # the outer fold, the inner validation and the held-out test cases, once, by the selected model
+        for split in ("val", "inner", "test"):
+            self.run.write_predictions(*args, self.out_dir / f"{split}_predictions.csv", split=split)
         with atomic_path(self.out_dir / "history.csv") as tmp:
             pd.DataFrame(done.history, columns=list(self.task.history_columns)).to_csv(tmp, index=False)
         metric_name = self.task.metric_name
         summary = {"model": self.model_name, "task": self.task.name, "config": self.cfg, "epoch": done.best_epoch,
-                   "metric": {metric_name: done.history[done.best_epoch - 1][metric_name]
+                   "metric": {metric_name: done.history[done.best_epoch - 1].get(metric_name, math.nan)
                               if done.best_epoch else math.nan},
+                   "selection": {"mode": self.cfg["selection"], "metric": metric_name,
+                                 "inner_folds": int(self.cfg["inner_folds"]) if self.selecting else None},
                    "cases": self.run.cases, "fingerprint": self.fingerprint, "versions": software_versions()}
         write_json(self.out_dir / "best.json", summary)
-        save_checkpoint({"model_state": {k: v.cpu() for k, v in best["model_state"].items()}, **summary},
-                        self.out_dir / "best.pt")
+        save_checkpoint({"model_state": model_state, **summary}, self.out_dir / "best.pt")
         log.info("done: best epoch %d of %d", done.best_epoch, len(done.history))
         return {"best_epoch": done.best_epoch, "epochs_run": len(done.history), "history": done.history}
 
@@ -334,7 +361,7 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
             train_loss = trainer.run_epoch(epoch, stop, done)
             trainer.validate(epoch, train_loss, started, done)
             if done.stale >= patience:
-                log.info("early stop: no better validation score for %d epochs", patience)
+                log.info("early stop: no better inner-validation score for %d epochs", patience)
             if epoch % every == 0 or epoch == epochs or done.stale >= patience or stop.signum is not None:
                 trainer.checkpoint(epoch, done)
             if stop.signum is not None:

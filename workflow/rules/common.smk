@@ -264,7 +264,14 @@ def get_report_outputs():
 
 # --- training inputs (workflow/rules/train.smk) ---
 
-TRAIN_SHARED_KEYS = ("seed", "device", "num_workers", "checkpoint_every")
+TRAIN_SHARED_KEYS = (
+    "seed",
+    "device",
+    "num_workers",
+    "checkpoint_every",
+    "selection",
+    "inner_folds",
+)
 
 
 def train_config_json(task, model):

@@ -45,6 +45,7 @@ rule aggregate_metrics:
         bootstrap=config["report"]["bootstrap"],
         seed=config["report"]["seed"],
         plugins=PLUGINS_ARG,
+        selection=SELECTION_CAPTION,
         code=code_version("report", "metrics.classification", "tasks"),
     shell:
         "python -m hnct.report --log {log} tables {params.plugins} --metrics {input.metrics}"
@@ -101,6 +102,7 @@ rule plot_results:
         dpi=config["report"]["dpi"],
         font_size=config["report"]["font_size"],
         plugins=PLUGINS_ARG,
+        selection=SELECTION_CAPTION,
         code=code_version("report", "tasks"),
     shell:
         "python -m hnct.report --log {log} figures {params.plugins} --predictions {input.predictions}"

@@ -198,30 +198,42 @@ def classification_metrics(labels: Any, probability: Any, threshold: float = DEF
     return {**ranking, **at, "reasons": reasons}
 
 
-def evaluate_predictions(labels: Any, probability: Any, default_threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def evaluate_predictions(labels: Any, probability: Any, default_threshold: float = DEFAULT_THRESHOLD,
+                         youden: tuple[float, float, str] | None = None) -> dict[str, Any]:
     """The evaluate stage's metrics: threshold-free ones at the top, ``at_0.5`` and ``at_youden`` blocks.
 
-    ``thresholds`` holds the default threshold, the Youden threshold chosen on these same
-    predictions and its J; ``reasons`` (metric path -> why it is NaN) and ``reason`` (one line,
-    empty when both classes are present) explain every NaN.
+    ``youden``: ``(threshold, J, chosen_on)`` chosen elsewhere and applied here unchanged (hnct.evaluate:
+    on the selected model's inner-validation predictions; a NaN threshold with ``chosen_on`` saying why
+    there is none); None: chosen on these same predictions (optimistic; ``chosen_on`` says so).
+    ``thresholds`` holds the default threshold, the Youden threshold, its J (on the predictions it
+    was chosen on) and ``youden_chosen_on``; ``reasons`` (metric path -> why it is NaN) and
+    ``reason`` (one line, empty when both classes are present) explain every NaN.
     """
     labels, probability = check_inputs(labels, probability)
     ranking = ranking_metrics(labels, probability)
-    youden, youden_j = youden_threshold(labels, probability)
+    given = youden is not None
+    if not given:
+        youden = (*youden_threshold(labels, probability), "these predictions (optimistic)")
+    youden, youden_j, chosen_on = float(youden[0]), float(youden[1]), str(youden[2])
     at_default = threshold_metrics(labels, probability, default_threshold)
     at_youden = threshold_metrics(labels, probability, youden)
     reasons = dict(ranking.pop("reasons"))
     reasons.update({f"at_{default_threshold:g}.{k}": v for k, v in at_default.pop("reasons").items()})
-    reasons.update({f"at_youden.{k}": v for k, v in at_youden.pop("reasons").items()})
+    youden_reasons = at_youden.pop("reasons")
+    if given and not math.isfinite(youden):  # why the data it is chosen on gave none
+        youden_reasons = {k: f"no Youden threshold: {chosen_on}" for k in youden_reasons}
+        reasons["thresholds.youden"] = f"no Youden threshold: {chosen_on}"
+    reasons.update({f"at_youden.{k}": v for k, v in youden_reasons.items()})
     single = _single_class_reason(labels)
-    if single:
+    if single and not given:
         reasons["thresholds.youden"] = single
     return {
         "n_cases": int(len(labels)),
         "n_positive": int(labels.sum()),
         "n_negative": int(len(labels) - labels.sum()),
         **ranking,
-        "thresholds": {"default": float(default_threshold), "youden": youden, "youden_j": youden_j},
+        "thresholds": {"default": float(default_threshold), "youden": youden, "youden_j": youden_j,
+                       "youden_chosen_on": chosen_on},
         f"at_{default_threshold:g}": at_default,
         "at_youden": at_youden,
         "reasons": reasons,

@@ -19,9 +19,32 @@ workflow (read at parse time by workflow/rules/common.smk; nothing here imports 
                           to the report (ROC/PR, confusion and calibration; per-case box plots)
     ``modules``           hnct modules its jobs run besides train/evaluate (hashed into code_version)
 folds    ``case_label(case, row, sidecar_path, sidecar, cohort_file, options)``
-training ``prepare(cfg, fold, inputs)`` -> a :class:`hnct.train.TaskRun` (datasets and augmentation,
-         loss, validation through ``hnct.metrics``, prediction writing); ``optimizer(cfg, params)``,
-         ``scheduler(optimizer, cfg)``; ``metric_name``, ``history_columns``, ``prediction_columns``
+training ``prepare(cfg, fold, inputs)`` -> a run object (datasets and augmentation, loss, validation
+         through ``hnct.metrics``, prediction writing); ``optimizer(cfg, params)``,
+         ``scheduler(optimizer, cfg)``; ``metric_name``, ``history_columns``, ``prediction_columns``;
+         ``selection_metric`` and ``selection_chooses`` (words for :func:`selection_caption`),
+         ``inner_required_labels`` (labels both sides of the inner split hold)
+
+Model selection never sees the reported data (``train.selection``, shared by every task):
+``inner`` (default): ``prepare`` holds :func:`inner_rows` of the outer fold's training side out of
+training (patient-grouped, stratified: :func:`hnct.folds.inner_split`). The run object the trainer
+drives (hnct.train) then has
+
+* ``cases``: ``{"train", "inner", "val", "test"}`` case IDs (``val`` = the outer fold);
+* ``train_loader(epoch, num_workers)``, ``loss(outputs, batch)`` (a model that returns a list in
+  training mode returns ``[main, aux...]``: the trainer optimises ``loss(list)`` and records
+  ``loss(main)``, the definition validation uses, so both curves are on one scale);
+* ``validate(model, device, num_workers, amp)`` -> ``(metrics, predictions)`` of the **inner**
+  validation cases only; ``metrics`` holds ``metric_name`` and the ``history_columns`` besides
+  ``epoch, train_loss, lr, seconds`` (built-in tasks: ``inner_loss``, ``inner_<metric>``);
+* ``selection(metrics)`` -> a tuple, larger is better (best epoch, early stopping); the scheduler
+  is stepped with ``metrics[metric_name]``;
+* ``write_predictions(model, device, num_workers, amp, out_dir, path, split)`` with ``split``
+  ``"val"`` (the outer fold, written once after training by the selected model), ``"inner"`` and
+  ``"test"``; an empty set gives the header and no rows.
+
+``fixed``: no inner split (``inner_rows`` is all False), ``epochs`` epochs with no validation, no
+early stopping and no scheduler step; the last epoch's model predicts.
 evaluate ``evaluate_main(argv)``: the ``python -m hnct.evaluate --task <name>`` command
 report   ``report_kind`` (above) and ``report_title``, the heading of its tables
 
@@ -57,6 +80,11 @@ class Task:
     test_ensemble: ClassVar[bool] = False
     modules: ClassVar[tuple[str, ...]] = ()
     metric_name: ClassVar[str] = ""
+    # what the caption says the epoch is selected on, and what else the inner validation chooses
+    selection_metric: ClassVar[str] = ""
+    selection_chooses: ClassVar[str] = "the epoch"
+    # labels both sides of the inner split must hold (where the training side has them)
+    inner_required_labels: ClassVar[tuple[int, ...]] = (0, 1)
     history_columns: ClassVar[tuple[str, ...]] = ()
     prediction_columns: ClassVar[tuple[str, ...]] = ()
     # JSON schema of ``train.<name>`` for a plugin task (built-in tasks: config/schema.yaml)
@@ -143,7 +171,7 @@ def add_plugins_argument(parser) -> None:
 # The hnct modules that define every training run; with the task's and the model's own modules
 # (training_modules) they are what the trainer's checkpoint fingerprint and the train rule's
 # code_version hash: both call code_hash on the same list.
-TRAINER_MODULES = ("train", "data", "losses")
+TRAINER_MODULES = ("train", "data", "losses", "folds")
 
 
 def _package_root():
@@ -210,6 +238,42 @@ def train_section(task: str, given: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config train.{task}: {error.message}") from None
     return section
 
+
+# ---------------------------------------------------------------- model selection
+SELECTION_MODES = ("inner", "fixed")
+
+
+def inner_rows(cfg: dict[str, Any], rows, where: str, required_labels: tuple[int, ...] = (0, 1)):
+    """Boolean mask of the inner-validation rows (``case, patient, label``) of an outer fold's
+    training side: :func:`hnct.folds.inner_split` with ``train.inner_folds`` and ``train.seed`` for
+    ``train.selection: inner`` (both sides hold ``required_labels``: the task's
+    ``inner_required_labels``); all False for ``fixed``. ``where`` names the fold in errors."""
+    import numpy as np
+
+    from hnct.folds import inner_split
+
+    if cfg["selection"] not in SELECTION_MODES:
+        raise ValueError(f"train.selection must be one of {', '.join(SELECTION_MODES)}, not {cfg['selection']!r}")
+    if cfg["selection"] == "fixed":
+        return np.zeros(len(rows), dtype=bool)
+    return inner_split(rows, int(cfg["inner_folds"]), int(cfg["seed"]), where, required_labels)
+
+
+def selection_caption(task: str, config: dict[str, Any]) -> str:
+    """One sentence for the report: what ``task``'s reported models were selected on (from the config)."""
+    spec = get_task(task)
+    train = config["train"]
+    section = train.get(task, {})
+    epochs, patience = section.get("epochs"), section.get("patience")
+    if train["selection"] == "fixed":
+        return (f"{task}: {epochs} epoch{'' if epochs == 1 else 's'} on each outer fold's whole training side "
+                f"and the last epoch's model, "
+                f"no model selection and no tuned threshold; the outer fold is predicted once, after training.")
+    return (f"{task}: {spec.selection_chooses} chosen on an inner validation split of each outer fold's "
+            f"training side (1/{train['inner_folds']} of its patients, grouped by patient, stratified, "
+            f"seed {train['seed']}; {spec.selection_metric or spec.metric_name}, at most {epochs} epochs, "
+            f"early stop after {patience} without improvement); the outer fold and the test set never "
+            f"take part in the selection and are predicted once, by the selected model.")
 
 import importlib.util  # noqa: E402
 

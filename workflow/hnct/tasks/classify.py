@@ -2,17 +2,21 @@
 
 Labels: the cohort's ``label_t4`` (empty: excluded, "no T-stage label"); usable cases are those whose
 crop sidecar is ok, so the folds read the crop sidecars (never the slices). Training: focal loss with
-per-class weights, Adam or AdamW (``train.classify.optimizer``), no schedule, model selection on
-validation macro-F1 (ties: the lower validation loss). Predictions: ``case, label, probability, fold``
-(P(T4)) of the validation and the held-out test cases; evaluation: :func:`hnct.evaluate.classify_main`;
-the test set is predicted by every fold and ensembled (rule ``ensemble_test``).
+per-class weights, Adam or AdamW (``train.classify.optimizer``), no schedule. With ``train.selection:
+inner`` an inner, patient-grouped, stratified split of the outer fold's training side
+(:func:`hnct.folds.inner_split`) is held out of training, and the epoch is selected on its macro-F1
+(ties: the lower inner loss); the outer validation fold is predicted once, by the selected model.
+Predictions: ``case, label, probability, fold`` (P(T4)) of the outer validation, the inner validation
+(``inner_predictions.csv``: the Youden threshold is chosen there, :mod:`hnct.evaluate`) and the held-out
+test cases; evaluation: :func:`hnct.evaluate.classify_main`; the test set is predicted by every fold
+and ensembled (rule ``ensemble_test``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hnct.tasks import Task, register_task
+from hnct.tasks import Task, inner_rows, register_task
 
 
 @register_task
@@ -24,10 +28,14 @@ class Classify(Task):
     fold_sidecars = "results/crops/{case}.json"
     train_inputs = {"folds": "results/folds/{task}/folds.tsv"}
     train_options = {"crops-dir": "results/crops"}
+    # the selected model's inner-validation predictions: the threshold is chosen on them
+    evaluate_inputs = {"inner-predictions": "results/train/{task}/{model}/fold{fold}/inner_predictions.csv"}
     test_ensemble = True
     modules = ("tasks.classify", "data", "metrics.classification")
-    metric_name = "val_auc"
-    history_columns = ("epoch", "train_loss", "val_loss", "val_auc", "val_f1", "lr", "seconds")
+    metric_name = "inner_auc"
+    selection_metric = "macro-F1 at 0.5 (ties: the lower loss)"
+    selection_chooses = "the epoch and the Youden threshold"
+    history_columns = ("epoch", "train_loss", "inner_loss", "inner_auc", "inner_f1", "lr", "seconds")
     prediction_columns = ("case", "label", "probability", "fold")
 
     @classmethod
@@ -68,10 +76,12 @@ class Classify(Task):
         test_rows = hdata.read_test_cases(folds_tsv)
         listed = pd.concat([train_rows["case"], val_rows["case"], test_rows["case"]])
         sidecars = hdata.given_or_found_sidecars(inputs.get("crop_sidecars"), inputs.get("crops_dir"), listed)
-        log.info("%d train, %d validation and %d test cases", len(train_rows), len(val_rows), len(test_rows))
+        inner = inner_rows(cfg, train_rows, f"{folds_tsv} fold {fold}", cls.inner_required_labels)
+        log.info("%d train, %d inner validation, %d outer validation and %d test cases", int((~inner).sum()),
+                 int(inner.sum()), len(val_rows), len(test_rows))
         if test_rows.empty:
             log.info("no test set in %s (folds.test: none, or no case marked test)", folds_tsv)
-        return ClassifyRun(cfg, train_rows, val_rows, sidecars, fold, test_rows)
+        return ClassifyRun(cfg, train_rows[~inner], val_rows, sidecars, fold, test_rows, train_rows[inner])
 
     @classmethod
     def optimizer(cls, cfg, parameters):
@@ -90,9 +100,11 @@ class Classify(Task):
 class ClassifyRun:
     """One fold's data, loss, validation and prediction writing (what the trainer loop calls)."""
 
-    def __init__(self, cfg, train_rows, val_rows, crop_sidecars, fold, test_rows=None):
-        """``crop_sidecars``: ``{case: sidecar}`` or a list of ``{case}.json`` paths; ``test_rows``: the
-        held-out test rows of folds.tsv (predicted by the best model, never trained or validated on)."""
+    def __init__(self, cfg, train_rows, val_rows, crop_sidecars, fold, test_rows=None, inner_val_rows=None):
+        """``crop_sidecars``: ``{case: sidecar}`` or a list of ``{case}.json`` paths; ``val_rows``: the
+        outer validation fold (predicted once by the selected model); ``test_rows``: the held-out test
+        rows of folds.tsv (predicted by the selected model, never trained or validated on);
+        ``inner_val_rows``: the inner validation cases the epoch is selected on (none: ``selection: fixed``)."""
         from monai.losses import FocalLoss
 
         from hnct import data as hdata
@@ -103,9 +115,12 @@ class ClassifyRun:
         self.val_items = hdata.load_classify_items(val_rows, sidecars, cfg)
         self.test_items = (hdata.load_classify_items(test_rows, sidecars, cfg)
                            if test_rows is not None and len(test_rows) else [])
+        self.inner_items = (hdata.load_classify_items(inner_val_rows, sidecars, cfg)
+                            if inner_val_rows is not None and len(inner_val_rows) else [])
         self.augment = hdata.classify_augmentation(cfg["input_shape"]) if cfg["augment"] else None
         self.cases = {"train": sorted(train_rows["case"]), "val": sorted(val_rows["case"]),
-                      "test": sorted(test_rows["case"]) if test_rows is not None else []}
+                      "test": sorted(test_rows["case"]) if test_rows is not None else [],
+                      "inner": sorted(it["case"] for it in self.inner_items)}
         # Per-class weights [non-T4, T4] via `weight`; alpha stays None: MONAI's scalar alpha with
         # softmax means [1-alpha, alpha], so a value > 1 would give non-T4 a negative weight.
         self.loss_fn = FocalLoss(gamma=float(cfg["focal_gamma"]), alpha=None,
@@ -132,10 +147,9 @@ class ClassifyRun:
         return hdata.seeded_loader(dataset, int(self.cfg["batch_size"]), True, num_workers, self.cfg["seed"],
                                    epoch, sampler)
 
-    def val_loader(self, num_workers, items=None):
+    def val_loader(self, num_workers, items):
         from hnct import data as hdata
 
-        items = self.val_items if items is None else items
         return hdata.seeded_loader(hdata.ItemDataset(items, ["image", "label"]), int(self.cfg["batch_size"]),
                                    False, num_workers, self.cfg["seed"], 0)
 
@@ -143,13 +157,14 @@ class ClassifyRun:
         return self.loss_fn(outputs.float(), batch["label"].view(-1, 1).long())
 
     def validate(self, model, device, num_workers, amp, items=None):
-        """Metrics (hnct.metrics.classification) and P(T4) of ``items`` (default: the validation cases)."""
+        """Metrics (hnct.metrics.classification: ``inner_loss, inner_auc, inner_f1``) and P(T4) of
+        ``items`` (default: the inner validation cases, the only ones the trainer selects on)."""
         import numpy as np
         import torch
 
         from hnct.metrics import classification as clf
 
-        items = self.val_items if items is None else items
+        items = self.inner_items if items is None else items
         probabilities, losses, weights = [], [], []
         model.eval()
         with torch.no_grad():
@@ -162,24 +177,24 @@ class ClassifyRun:
                 probabilities.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
         probability = np.concatenate(probabilities)
         labels = np.array([it["label"] for it in items])
-        metrics = {"val_loss": float(np.average(losses, weights=weights)),
-                   "val_auc": clf.roc_auc(labels, probability),
-                   "val_f1": clf.threshold_metrics(labels, probability, 0.5)["f1_macro"]}
+        metrics = {"inner_loss": float(np.average(losses, weights=weights)),
+                   "inner_auc": clf.roc_auc(labels, probability),
+                   "inner_f1": clf.threshold_metrics(labels, probability, 0.5)["f1_macro"]}
         return metrics, probability
 
     def selection(self, metrics):
-        """Early stopping score: macro-F1, ties broken by the lower validation loss."""
-        return (metrics["val_f1"], -metrics["val_loss"])
+        """Early stopping score: inner macro-F1, ties broken by the lower inner loss."""
+        return (metrics["inner_f1"], -metrics["inner_loss"])
 
     def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path, split="val"):
-        """``case, label, probability, fold`` of the validation (``split="val"``) or test cases; an empty
-        test set gives the header and no rows."""
+        """``case, label, probability, fold`` of the outer validation (``split="val"``), inner validation
+        (``"inner"``) or test cases; an empty set gives the header and no rows."""
         import numpy as np
         import pandas as pd
 
         from hnct.common import atomic_path
 
-        items = self.val_items if split == "val" else self.test_items
+        items = {"val": self.val_items, "inner": self.inner_items, "test": self.test_items}[split]
         probability = self.validate(model, device, num_workers, amp, items)[1] if items else np.zeros(0)
         table = pd.DataFrame({"case": [it["case"] for it in items], "label": [it["label"] for it in items],
                               "probability": probability, "fold": self.fold},

@@ -3,12 +3,15 @@
 Labels: a case is positive (node-positive) when any slice of its slice index has a voxel of the
 structure; a case without a label map is excluded. Folds read the slices sidecars and also write
 per-fold slice lists. Training: hnct.losses.snet_loss, every positive slice plus an equal draw of
-negatives per epoch, AdamW, ReduceLROnPlateau on validation Dice, model selection on validation
-Dice (ties: the lower validation loss). Validation Dice is pooled over all validation slices
-(2·Σ|P∩T| / (Σ|P| + Σ|T|), threshold 0.5; 1 when no slice has foreground in either), and ``val_f1``
-is slice-level detection F1 (a slice is positive when any pixel is), both from :mod:`hnct.metrics`.
-Predictions: ``val_probs/{case}.npz`` per validation case; evaluation: :mod:`hnct.segeval`
-(per-case 3D metrics). No test-set prediction yet (the header-only table says so).
+negatives per epoch, AdamW. With ``train.selection: inner`` the cases of an inner, patient-grouped
+split of the outer fold's training side (stratified by node status, :func:`hnct.folds.inner_split`;
+the slice list's ``patient`` column) are held out of training: ReduceLROnPlateau and model selection
+read their Dice (ties: the lower inner loss), and the outer fold is predicted once, by the selected
+model. Inner Dice is pooled over all inner slices (2·Σ|P∩T| / (Σ|P| + Σ|T|), threshold 0.5; 1 when no
+slice has foreground in either), and ``inner_f1`` is slice-level detection F1 (a slice is positive
+when any pixel is), both from :mod:`hnct.metrics`. Predictions: ``val_probs/{case}.npz`` per outer
+validation case (``inner_probs/`` for the inner ones); evaluation: :mod:`hnct.segeval` (per-case 3D
+metrics, fixed ``evaluate.mask_threshold``). No test-set prediction yet (the header-only table says so).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hnct.tasks import Task, register_task
+from hnct.tasks import Task, inner_rows, register_task
 
 log = logging.getLogger("hnct.train")
 
@@ -35,8 +38,12 @@ class Segment(Task):
     evaluate_mem_mb = 4000
     modules = ("tasks.segment", "data", "losses", "segeval", "metrics.segmentation",
                "metrics.classification")
-    metric_name = "val_dice"
-    history_columns = ("epoch", "train_loss", "val_loss", "val_dice", "val_f1", "lr", "seconds")
+    metric_name = "inner_dice"
+    selection_metric = "pooled Dice at 0.5 (ties: the lower loss)"
+    selection_chooses = "the epoch and the learning-rate schedule (ReduceLROnPlateau)"
+    # Dice needs node-positive cases on both sides; node-negative ones may all train (few patients)
+    inner_required_labels = (1,)
+    history_columns = ("epoch", "train_loss", "inner_loss", "inner_dice", "inner_f1", "lr", "seconds")
     prediction_columns = ("case", "slice", "prob_npz", "fold")
 
     @classmethod
@@ -92,8 +99,9 @@ class Segment(Task):
         sidecars = hdata.given_or_found_sidecars(inputs.get("slice_sidecars"), inputs.get("slices_dir"),
                                                  sorted(set(listed)))
         run = SegmentRun(cfg, fold_slices_tsv, sidecars, fold)
-        log.info("%d train slices (%d positive), %d validation slices", len(run.train_items),
-                 int(run.train_positive.sum()), len(run.val_items))
+        log.info("%d train slices (%d positive), %d inner validation slices (%d cases), %d outer validation "
+                 "slices", len(run.train_items), int(run.train_positive.sum()), len(run.inner_items),
+                 len(run.cases["inner"]), len(run.val_items))
         return run
 
     @classmethod
@@ -129,18 +137,28 @@ class SegmentRun:
         size = int(cfg["input_size"])
         sidecars = slice_sidecars if isinstance(slice_sidecars, dict) else hdata.sidecars_by_case(slice_sidecars)
         table = hdata.load_segment_slices(fold_slices_tsv, sidecars, cfg["structure"], size)
-        self.train_table = table[table["split"] == "train"].reset_index(drop=True)
+        train_table = table[table["split"] == "train"].reset_index(drop=True)
         self.val_table = table[table["split"] == "val"].reset_index(drop=True)
-        if self.train_table.empty or self.val_table.empty:
+        if train_table.empty or self.val_table.empty:
             raise ValueError(f"{fold_slices_tsv}: fold {fold} needs train and val slices")
-        self.train_items = [{"image": im[None].astype(np.float32), "target": t[None].astype(np.float32)}
-                            for im, t in zip(self.train_table["image"], self.train_table["target"])]
-        self.val_items = [{"image": im[None].astype(np.float32), "target": t[None].astype(np.float32)}
-                          for im, t in zip(self.val_table["image"], self.val_table["target"])]
+        if "patient" not in train_table.columns:
+            raise ValueError(f"{fold_slices_tsv}: no patient column (written by an older hnct.folds): "
+                             "rerun the folds rule")
+        # the inner split is by patient (never by slice), stratified by whether a case is node-positive
+        cases = train_table.groupby("case", sort=True).agg(patient=("patient", "first"),
+                                                            label=("target", lambda ts: int(any(t.any() for t in ts))))
+        inner = cases.index[inner_rows(cfg, cases, f"{fold_slices_tsv} fold {fold}", Segment.inner_required_labels)]
+        is_inner = train_table["case"].isin(set(inner))
+        self.train_table = train_table[~is_inner].reset_index(drop=True)
+        self.inner_table = train_table[is_inner].reset_index(drop=True)
+        self.train_items, self.inner_items, self.val_items = (
+            [{"image": im[None].astype(np.float32), "target": t[None].astype(np.float32)}
+             for im, t in zip(part["image"], part["target"])]
+            for part in (self.train_table, self.inner_table, self.val_table))
         self.train_positive = np.array([t.any() for t in self.train_table["target"]])
         self.augment = hdata.segment_augmentation() if cfg["augment"] else None
-        self.cases = {"train": sorted(set(self.train_table["case"])), "val": sorted(set(self.val_table["case"])),
-                      "test": []}
+        self.cases = {"train": sorted(set(self.train_table["case"])), "inner": sorted(inner),
+                      "val": sorted(set(self.val_table["case"])), "test": []}
         self.loss_fn = snet_loss
 
     def train_loader(self, epoch, num_workers):
@@ -152,10 +170,10 @@ class SegmentRun:
         dataset = hdata.ItemDataset([self.train_items[i] for i in chosen], ["image", "target"], self.augment)
         return hdata.seeded_loader(dataset, int(self.cfg["batch_size"]), True, num_workers, self.cfg["seed"], epoch)
 
-    def val_loader(self, num_workers):
+    def val_loader(self, num_workers, items):
         from hnct import data as hdata
 
-        return hdata.seeded_loader(hdata.ItemDataset(self.val_items, ["image", "target"]),
+        return hdata.seeded_loader(hdata.ItemDataset(items, ["image", "target"]),
                                    int(self.cfg["batch_size"]), False, num_workers, self.cfg["seed"], 0)
 
     def loss(self, outputs, batch):
@@ -165,14 +183,15 @@ class SegmentRun:
             outputs = outputs.float()
         return self.loss_fn(outputs, batch["target"].float())
 
-    def predict(self, model, device, num_workers, amp):
+    def predict(self, model, device, num_workers, amp, items):
+        """Per-slice probabilities of ``items`` (fitted size) and their mean loss."""
         import numpy as np
         import torch
 
         probs, losses, weights = [], [], []
         model.eval()
         with torch.no_grad():
-            for batch in self.val_loader(num_workers):
+            for batch in self.val_loader(num_workers, items):
                 image, target = batch["image"].to(device), batch["target"].to(device)
                 with torch.autocast(device_type=device.type, enabled=amp):
                     logits = model(image)
@@ -184,6 +203,7 @@ class SegmentRun:
         return np.concatenate(probs), float(np.average(losses, weights=weights))
 
     def validate(self, model, device, num_workers, amp):
+        """``inner_loss, inner_dice, inner_f1`` of the inner validation slices (what selection reads)."""
         import math
 
         import numpy as np
@@ -191,19 +211,20 @@ class SegmentRun:
         from hnct.metrics import classification as clf
         from hnct.metrics import segmentation as segm
 
-        prob, val_loss = self.predict(model, device, num_workers, amp)
-        target = np.stack(list(self.val_table["target"])).astype(bool)
+        prob, inner_loss = self.predict(model, device, num_workers, amp, self.inner_items)
+        target = np.stack(list(self.inner_table["target"])).astype(bool)
         predicted = prob >= 0.5
         dice = segm.dice(predicted, target)
         dice = 1.0 if math.isnan(dice) else dice  # no foreground in either: agreement
         detection_f1 = clf.positive_f1(target.any(axis=(1, 2)), predicted.any(axis=(1, 2)))
-        return {"val_loss": val_loss, "val_dice": dice, "val_f1": detection_f1}, prob
+        return {"inner_loss": inner_loss, "inner_dice": dice, "inner_f1": detection_f1}, prob
 
     def selection(self, metrics):
-        return (metrics["val_dice"], -metrics["val_loss"])
+        return (metrics["inner_dice"], -metrics["inner_loss"])
 
     def write_predictions(self, model, device, num_workers, amp, out_dir, predictions_path, split="val"):
-        """``val_probs/{case}.npz`` per validation case (original slice grid) and the CSV listing them.
+        """``val_probs/{case}.npz`` per outer validation case (``split="val"``; ``inner_probs/`` for
+        ``"inner"``), on the original slice grid, and the CSV listing them.
 
         ``split="test"``: segmentation has no test-set prediction yet (the fold slice lists hold train
         and val slices only); the table is written with its header and no rows, and the log says so.
@@ -220,14 +241,15 @@ class SegmentRun:
             with atomic_path(predictions_path) as tmp:
                 pd.DataFrame(columns=columns).to_csv(tmp, index=False)
             return
-        prob, _ = self.predict(model, device, num_workers, amp)
+        part, items = (self.inner_table, self.inner_items) if split == "inner" else (self.val_table, self.val_items)
+        prob = self.predict(model, device, num_workers, amp, items)[0] if items else np.zeros((0,))
         rows = []
-        table = self.val_table.assign(order=np.arange(len(self.val_table)))
+        table = part.assign(order=np.arange(len(part)))
         for case, group in table.groupby("case", sort=True):
             group = group.sort_values("slice")
             volume = np.stack([hdata.unfit_slice(prob[i], shape) for i, shape in
                                zip(group["order"], group["shape"])]).astype(np.float16)
-            npz_path = Path(out_dir) / "val_probs" / f"{case}.npz"
+            npz_path = Path(out_dir) / f"{split}_probs" / f"{case}.npz"
             with atomic_path(npz_path) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez_compressed(handle, prob=volume, slice=group["slice"].to_numpy(dtype=np.int64))
