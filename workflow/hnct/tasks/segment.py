@@ -52,7 +52,8 @@ class Segment(Task):
         return {"masks-dir": "results/evaluate/{task}/{model}/fold{fold}/masks",
                 "slices-dir": "results/slices",
                 "nsd-tolerance-mm": config["evaluate"]["nsd_tolerance_mm"],
-                "threshold": config["evaluate"]["mask_threshold"]}
+                "threshold": config["evaluate"]["mask_threshold"],
+                "detection-iou": config["evaluate"]["detection_iou"]}
 
     @classmethod
     def case_label(cls, case, row, sidecar_path, sidecar, cohort_file, options):
