@@ -7,6 +7,8 @@ rule aggregate_metrics:
         predictions=report_prediction_files,
         test_metrics=report_test_metric_files,
         test_predictions=report_test_prediction_files,
+        per_case=report_per_case_files,
+        folds=expand("results/folds/{task}/folds.tsv", task=TASKS),
         published=PUBLISHED_NUMBERS,
     output:
         by_fold=report(
@@ -45,10 +47,17 @@ rule aggregate_metrics:
         bootstrap=config["report"]["bootstrap"],
         seed=config["report"]["seed"],
         plugins=PLUGINS_ARG,
-        code=code_version("report", "metrics.classification", "tasks"),
+        code=code_version(
+            "report",
+            "metrics.classification",
+            "metrics.bootstrap",
+            "metrics.segmentation",
+            "tasks",
+        ),
     shell:
         "python -m hnct.report --log {log} tables {params.plugins} --metrics {input.metrics}"
         " --predictions {input.predictions} --test-metrics {input.test_metrics}"
+        " --per-case {input.per_case} --folds {input.folds}"
         " --published {input.published}"
         " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q} --out-test {output.test:q}"
         " --out-markdown {output.markdown:q} --out-latex {output.latex:q}"

@@ -222,12 +222,53 @@ SUMMARY_METRICS = ("dice", "iou", "nsd", "hd95_median_mm", "n_hd95_not_finite", 
 
 
 def _finite(values: Iterable[Any]) -> np.ndarray:
-    arr = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(np.float64)
+    arr = _numbers(values)
     return arr[np.isfinite(arr)]
 
 
+def _numbers(values: Iterable[Any]) -> np.ndarray:
+    """float64 array, None/empty -> NaN."""
+    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(np.float64)
+
+
 def _mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else float("nan")
+
+
+def case_arrays(cases: pd.DataFrame | Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-case rows (``case_metrics`` dicts or per_case.csv) as numpy columns, for ``summarise_arrays``."""
+    table = pd.DataFrame(list(cases)) if not isinstance(cases, pd.DataFrame) else cases
+    status = table["empty_status"].astype(str).to_numpy() if len(table) else np.zeros(0, dtype=str)
+    arrays = {key: _numbers(table[key]) if len(table) else np.zeros(0)
+              for key in ("dice", "iou", "nsd", "hd95_mm", "n_true", "n_pred", "tp", "snet_slice_dice")}
+    arrays["present"] = np.isin(status, ("both_present", "pred_empty"))
+    arrays["both_present"] = status == "both_present"
+    arrays["pred_empty"] = status == "pred_empty"
+    return arrays
+
+
+def summarise_arrays(arrays: dict[str, np.ndarray], index: np.ndarray | None = None) -> dict[str, float]:
+    """``summarise_cases`` on the rows ``index`` (all rows when None; repeats allowed: a bootstrap)."""
+    a = arrays if index is None else {key: value[index] for key, value in arrays.items()}
+    if a["present"].size == 0:
+        return {name: float("nan") for name in SUMMARY_METRICS}
+    present, negative = a["present"], ~a["present"]
+    hd95 = a["hd95_mm"][a["both_present"]]
+    hd95 = hd95[np.isfinite(hd95)]
+    n_true, n_pred, tp = float(a["n_true"].sum()), float(a["n_pred"].sum()), float(a["tp"].sum())
+    return {
+        "dice": _mean(a["dice"][present]),
+        "iou": _mean(a["iou"][present]),
+        "nsd": _mean(a["nsd"][present]),
+        "hd95_median_mm": float(np.median(hd95)) if hd95.size else float("nan"),
+        "n_hd95_not_finite": float(a["pred_empty"].sum()),
+        "case_sensitivity": float((a["tp"][present] > 0).mean()) if present.any() else float("nan"),
+        "fp_rate_negative": float((a["n_pred"][negative] > 0).mean()) if negative.any() else float("nan"),
+        "lesion_sensitivity": tp / n_true if n_true else float("nan"),
+        "lesion_precision": tp / n_pred if n_pred else float("nan"),
+        "snet_slice_dice": _mean(a["snet_slice_dice"]),
+    }
 
 
 def summarise_cases(cases: pd.DataFrame | Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -237,28 +278,7 @@ def summarise_cases(cases: pd.DataFrame | Sequence[dict[str, Any]]) -> dict[str,
     and the count without a finite HD95; detection per case and per component. NaN where a
     metric has no case to average over (no reference-present case, no structure-negative case).
     """
-    table = pd.DataFrame(list(cases)) if not isinstance(cases, pd.DataFrame) else cases
-    if table.empty:
-        return {name: float("nan") for name in SUMMARY_METRICS}
-    status = table["empty_status"].astype(str)
-    present = status.isin(("both_present", "pred_empty")).to_numpy()
-    negative = ~present
-    hd95 = _finite(table.loc[status == "both_present", "hd95_mm"])
-    n_true, n_pred, tp = (float(pd.to_numeric(table[k]).sum()) for k in ("n_true", "n_pred", "tp"))
-    predicted_any = pd.to_numeric(table["n_pred"]).to_numpy() > 0
-    matched = pd.to_numeric(table["tp"]).to_numpy() > 0
-    return {
-        "dice": _mean(_finite(table.loc[present, "dice"])),
-        "iou": _mean(_finite(table.loc[present, "iou"])),
-        "nsd": _mean(_finite(table.loc[present, "nsd"])),
-        "hd95_median_mm": float(np.median(hd95)) if hd95.size else float("nan"),
-        "n_hd95_not_finite": float(np.sum(status == "pred_empty")),
-        "case_sensitivity": float(matched[present].mean()) if present.any() else float("nan"),
-        "fp_rate_negative": float(predicted_any[negative].mean()) if negative.any() else float("nan"),
-        "lesion_sensitivity": tp / n_true if n_true else float("nan"),
-        "lesion_precision": tp / n_pred if n_pred else float("nan"),
-        "snet_slice_dice": _mean(_finite(table["snet_slice_dice"])),
-    }
+    return summarise_arrays(case_arrays(cases))
 
 
 def aggregate_cases(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
