@@ -31,7 +31,7 @@ def assert_every_interval_contains_its_value(report_dir) -> int:
     Returns how many intervals were checked."""
     checked = 0
     for name, value in (("metrics_summary.csv", "pooled"), ("metrics_test.csv", "value"),
-                        ("metrics_by_collection.csv", "value"), ("baselines.csv", "pooled")):
+                        ("metrics_by_group.csv", "value"), ("baselines.csv", "value")):
         path = report_dir / name
         if not path.exists():
             continue

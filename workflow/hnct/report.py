@@ -181,19 +181,21 @@ def with_patients(rows: pd.DataFrame, task: str, folds: dict[str, pd.DataFrame] 
 # Pooled estimates and their patient-level intervals
 
 
-def pooled_metrics(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """The headline classification metrics at threshold 0.5, from hnct.metrics.classification."""
+def pooled_metrics(labels: np.ndarray, probability: np.ndarray, checked: bool = False) -> dict[str, float]:
+    """The headline classification metrics at threshold 0.5, from hnct.metrics.classification
+    (``checked``: the arrays already passed its ``check_inputs``)."""
     from hnct.metrics.classification import classification_metrics
 
-    result = classification_metrics(labels.astype(int), probability.astype(float), threshold=0.5)
+    result = classification_metrics(labels, probability, threshold=0.5, checked=checked)
     return {metric: float(result.get(metric, math.nan)) for metric in CLASSIFY_COLUMNS}
 
 
 def classification_intervals(predictions: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, dict]:
     """Pooled headline metrics of ``label, probability, patient`` rows and their patient-level CIs."""
-    labels = predictions["label"].to_numpy(int)
-    probability = predictions["probability"].to_numpy(float)
-    return bootstrap_intervals(lambda index: pooled_metrics(labels[index], probability[index]),
+    from hnct.metrics.classification import check_inputs
+
+    labels, probability = check_inputs(predictions["label"].to_numpy(), predictions["probability"].to_numpy(float))
+    return bootstrap_intervals(lambda index: pooled_metrics(labels[index], probability[index], checked=True),
                                predictions["patient"].to_numpy(), labels, n_bootstrap, seed)
 
 
@@ -695,7 +697,10 @@ def plot_segmentation_boxes(per_case_files: list[str], png: str | Path, style: d
     if frames:
         data = pd.concat(frames, ignore_index=True)
         models = sorted(data["model"].unique())
-        for ax, metric, label in ((axes[0], "dice", "Dice per case"), (axes[1], "hd95_mm", "HD95 per case (mm)")):
+        # Dice is empty (NaN) where the reference lacks the structure, HD95 where a mask is empty: dropped
+        # below, so the boxes are Metrics Reloaded's sets (no stand-in distance exists to draw).
+        for ax, metric, label in ((axes[0], "dice", "Dice per case (structure present)"),
+                                  (axes[1], "hd95_mm", "HD95 per case (mm, both masks present)")):
             if metric not in data:
                 ax.set_title(f"{label}: not reported")
                 continue
