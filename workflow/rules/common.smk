@@ -247,7 +247,9 @@ FIGURES = [
 
 def get_report_outputs():
     # The shortcut checks (report.smk: shortcut_checks) where a task classifies.
-    shortcuts = ["results/report/baselines.csv"] if tasks_of_kind("classification") else []
+    shortcuts = (
+        ["results/report/baselines.csv"] if tasks_of_kind("classification") else []
+    )
     return (
         [
             "results/report/metrics_summary.csv",

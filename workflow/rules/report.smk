@@ -218,7 +218,9 @@ rule shortcut_checks:
         bootstrap=config["report"]["bootstrap"],
         seed=config["report"]["seed"],
         plugins=PLUGINS_ARG,
-        code=code_version("baselines", "report", "metrics.classification", "metrics.bootstrap"),
+        code=code_version(
+            "baselines", "report", "metrics.classification", "metrics.bootstrap"
+        ),
     shell:
         "python -m hnct.baselines --log {log} {params.plugins} --folds {input.folds}"
         " --volume-sidecars {input.volumes} --predictions {input.predictions}"
