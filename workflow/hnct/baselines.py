@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -48,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from hnct import report
-from hnct.common import InputError, atomic_path, read_json, setup_logging
+from hnct.common import InputError, read_json, setup_logging
 from hnct.tasks import add_plugins_argument, get_task, load_plugins
 
 log = logging.getLogger("hnct.baselines")
@@ -242,17 +241,11 @@ def run(folds_files: list[str], volume_sidecars: list[str], prediction_files: li
                    else pd.DataFrame(columns=["task", "baseline", "case", "label", "probability", "fold"]))
     baselines = pd.concat(all_baselines, ignore_index=True) if all_baselines else pd.DataFrame(columns=BASELINE_COLUMNS)
     by_group = pd.concat(all_groups, ignore_index=True) if all_groups else pd.DataFrame(columns=GROUP_COLUMNS)
-    _write_csv(predictions[["task", "baseline", "case", "label", "probability", "fold"]], out["predictions"])
-    _write_csv(baselines, out["baselines"])
-    _write_csv(by_group, out["by_group"])
-    with atomic_path(out["markdown"]) as tmp:
-        tmp.write_text(shortcuts_markdown(baselines, by_group))
+    report._write_csv(predictions[["task", "baseline", "case", "label", "probability", "fold"]], out["predictions"])
+    report._write_csv(baselines, out["baselines"])
+    report._write_csv(by_group, out["by_group"])
+    report._write_text(shortcuts_markdown(baselines, by_group), out["markdown"])
     return out
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.10g")
 
 
 def main(argv: list[str] | None = None) -> int:
