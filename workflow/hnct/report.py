@@ -202,7 +202,7 @@ def classification_intervals(predictions: pd.DataFrame, n_bootstrap: int, seed: 
 def segmentation_intervals(per_case: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, dict]:
     """Pooled Metrics Reloaded summary of per-case rows (with ``patient``) and patient-level CIs,
     stratified by whether the reference holds the structure."""
-    from hnct.metrics.segmentation import case_arrays, summarise_arrays
+    from hnct.metrics.segmentation_summary import case_arrays, summarise_arrays
 
     arrays = case_arrays(per_case)
     return bootstrap_intervals(lambda index: summarise_arrays(arrays, index), per_case["patient"].to_numpy(),

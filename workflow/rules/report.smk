@@ -51,7 +51,7 @@ rule aggregate_metrics:
             "report",
             "metrics.classification",
             "metrics.bootstrap",
-            "metrics.segmentation",
+            "metrics.segmentation_summary",
             "tasks",
         ),
     shell:

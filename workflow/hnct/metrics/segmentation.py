@@ -38,12 +38,15 @@ not comparable to a 3D Dice.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+
+# The summary of per-case rows lives apart (no MONAI import): the report's environment reads it too.
+from hnct.metrics.segmentation_summary import (SUMMARY_METRICS, case_arrays, finite_values,  # noqa: F401
+                                               summarise_arrays, summarise_cases)
 
 EMPTY_MASK_POLICY = (
     "Metrics Reloaded: Dice, IoU and NSD are averaged over cases whose reference holds the structure "
@@ -216,71 +219,6 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     return result
 
 
-# The headline numbers of a set of cases (one fold, or every fold pooled), by name.
-SUMMARY_METRICS = ("dice", "iou", "nsd", "hd95_median_mm", "n_hd95_not_finite", "case_sensitivity",
-                   "fp_rate_negative", "lesion_sensitivity", "lesion_precision", "snet_slice_dice")
-
-
-def _finite(values: Iterable[Any]) -> np.ndarray:
-    arr = _numbers(values)
-    return arr[np.isfinite(arr)]
-
-
-def _numbers(values: Iterable[Any]) -> np.ndarray:
-    """float64 array, None/empty -> NaN."""
-    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(np.float64)
-
-
-def _mean(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def case_arrays(cases: pd.DataFrame | Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-case rows (``case_metrics`` dicts or per_case.csv) as numpy columns, for ``summarise_arrays``."""
-    table = pd.DataFrame(list(cases)) if not isinstance(cases, pd.DataFrame) else cases
-    status = table["empty_status"].astype(str).to_numpy() if len(table) else np.zeros(0, dtype=str)
-    arrays = {key: _numbers(table[key]) if len(table) else np.zeros(0)
-              for key in ("dice", "iou", "nsd", "hd95_mm", "n_true", "n_pred", "tp", "snet_slice_dice")}
-    arrays["present"] = np.isin(status, ("both_present", "pred_empty"))
-    arrays["both_present"] = status == "both_present"
-    arrays["pred_empty"] = status == "pred_empty"
-    return arrays
-
-
-def summarise_arrays(arrays: dict[str, np.ndarray], index: np.ndarray | None = None) -> dict[str, float]:
-    """``summarise_cases`` on the rows ``index`` (all rows when None; repeats allowed: a bootstrap)."""
-    a = arrays if index is None else {key: value[index] for key, value in arrays.items()}
-    if a["present"].size == 0:
-        return {name: float("nan") for name in SUMMARY_METRICS}
-    present, negative = a["present"], ~a["present"]
-    hd95 = a["hd95_mm"][a["both_present"]]
-    hd95 = hd95[np.isfinite(hd95)]
-    n_true, n_pred, tp = float(a["n_true"].sum()), float(a["n_pred"].sum()), float(a["tp"].sum())
-    return {
-        "dice": _mean(a["dice"][present]),
-        "iou": _mean(a["iou"][present]),
-        "nsd": _mean(a["nsd"][present]),
-        "hd95_median_mm": float(np.median(hd95)) if hd95.size else float("nan"),
-        "n_hd95_not_finite": float(a["pred_empty"].sum()),
-        "case_sensitivity": float((a["tp"][present] > 0).mean()) if present.any() else float("nan"),
-        "fp_rate_negative": float((a["n_pred"][negative] > 0).mean()) if negative.any() else float("nan"),
-        "lesion_sensitivity": tp / n_true if n_true else float("nan"),
-        "lesion_precision": tp / n_pred if n_pred else float("nan"),
-        "snet_slice_dice": _mean(a["snet_slice_dice"]),
-    }
-
-
-def summarise_cases(cases: pd.DataFrame | Sequence[dict[str, Any]]) -> dict[str, float]:
-    """The headline summary (``SUMMARY_METRICS``) of per-case rows (``case_metrics`` dicts or per_case.csv).
-
-    Segmentation means over reference-present cases; HD95 as the median over both-present cases
-    and the count without a finite HD95; detection per case and per component. NaN where a
-    metric has no case to average over (no reference-present case, no structure-negative case).
-    """
-    return summarise_arrays(case_arrays(cases))
-
-
 def aggregate_cases(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One fold's summary: counts, the distribution of each per-case metric (``dice``: mean, median,
     std, n over the cases that have it) and the headline numbers under ``summary``
@@ -294,7 +232,7 @@ def aggregate_cases(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "empty_mask_policy": EMPTY_MASK_POLICY,
     }
     for key in ("dice", "iou", "hd95_mm", "nsd", "snet_slice_dice", "labelled_slice_dice"):
-        values = _finite(c[key] for c in per_case)
+        values = finite_values(c[key] for c in per_case)
         summary[key] = ({"mean": float(values.mean()), "median": float(np.median(values)),
                          "std": float(values.std(ddof=0)), "n": int(values.size)} if values.size
                         else {"mean": None, "median": None, "std": None, "n": 0})

@@ -33,7 +33,7 @@ class Segment(Task):
     train_options = {"slices-dir": "results/slices"}
     evaluate_inputs = {"fold-slices": "results/folds/{task}/fold{fold}_slices.tsv"}
     evaluate_mem_mb = 4000
-    modules = ("tasks.segment", "data", "losses", "segeval", "metrics.segmentation",
+    modules = ("tasks.segment", "data", "losses", "segeval", "metrics.segmentation", "metrics.segmentation_summary",
                "metrics.classification")
     metric_name = "val_dice"
     history_columns = ("epoch", "train_loss", "val_loss", "val_dice", "val_f1", "lr", "seconds")
