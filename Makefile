@@ -36,7 +36,7 @@ testdata: $(STAMP)
 	PYTHONPATH=$(CURDIR)/workflow $(PY) -m hnct.testdata fetch
 
 test: $(STAMP) slurm testdata
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=40
 
 test-fast: $(STAMP) testdata
 	$(PY) -m pytest -m "not slurm and not slow"

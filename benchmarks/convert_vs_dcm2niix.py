@@ -1,14 +1,20 @@
 """Whole-process convert against dcm2niix on the same series, side by side in one run.
 
-Reference: dcm2niix (its PyPI package, the converter imaging researchers compare with), run as
-``dcm2niix -z n -b n -o OUT -f %s FOLDER`` (uncompressed NIfTI, no BIDS sidecar; the closest to
-hnct's uncompressed NRRD). hnct: ``python -m hnct.convert --labels none`` as the convert rule runs
-it (interpreter start, imports, header index, decode, NRRD and sidecar writes all counted).
+Reference: dcm2niix (its PyPI package, the converter imaging researchers compare with), its
+binary run as ``dcm2niix -z n -b n -o OUT -f %s FOLDER`` (uncompressed NIfTI, no BIDS sidecar; the
+closest to hnct's uncompressed NRRD) — the binary itself, not the package's Python console-script
+wrapper, which would add an interpreter start to every dcm2niix run. hnct: ``python -m
+hnct.convert --labels none`` as the convert rule runs it (interpreter start, imports, header index,
+decode, NRRD and sidecar writes all counted), its modules byte-compiled first as in any installed
+package (with PYTHONDONTWRITEBYTECODE set, each run would otherwise compile hnct's sources again).
 
-Series: the real LUNG1-001 CT (512 x 512 x 134, NSCLC-Radiomics, from the shared test data) and
+Series: the real LUNG1-001 CT (512 x 512 x 134, NSCLC-Radiomics, from the verified test data cache
+of :mod:`hnct.testdata`, ``make testdata``) and
 a generated 512 x 512 x 300 series (benchmarks/preprocess.py's phantom, 1 mm slices). Each pair
 runs alternately (hnct, dcm2niix, hnct, ...) ``--repeat`` times after one warm-up of each (page
-cache filled for both); the medians give the ratio hnct / dcm2niix per series. Wall times come
+cache filled for both); each run writes into a folder cleared of its previous output (outside the
+timing: hnct would otherwise pay for deleting its last volume, while dcm2niix adds a suffix
+to the name and deletes nothing); the medians give the ratio hnct / dcm2niix per series. Wall times come
 from benchutil.run_measured (child processes, peak RSS polled). The load average before and after
 is recorded: on a shared machine, read the ratios, not the seconds.
 
@@ -19,6 +25,7 @@ is recorded: on a shared machine, read the ratios, not the seconds.
 from __future__ import annotations
 
 import argparse
+import compileall
 import shutil
 import statistics
 import sys
@@ -29,15 +36,25 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402
 
-LUNG1 = benchutil.REPO.parent / "shared" / "testdata" / "real" / "nsclc-radiomics-LUNG1-001" / "LUNG1-001" / "image"
+sys.path.insert(0, str(benchutil.REPO / "workflow"))  # this checkout's hnct (its test data cache root)
+
+LUNG1 = Path("testdata") / "real" / "nsclc-radiomics-LUNG1-001" / "LUNG1-001" / "image"  # under the cache root
 TARGET_RATIO = 1.5
 
 
 def dcm2niix_exe() -> str:
-    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
-    if not Path(exe).exists():
-        raise SystemExit("dcm2niix not found: pip install the test extra (dcm2niix==1.0.20260724)")
-    return exe
+    """The dcm2niix binary of the PyPI package (its Python wrapper would add an interpreter start)."""
+    try:
+        import dcm2niix
+    except ImportError:
+        raise SystemExit("dcm2niix not found: pip install the test extra (dcm2niix==1.0.20260724)") from None
+    return dcm2niix.bin
+
+
+def compile_package(checkout: Path) -> None:
+    """Byte-compile a checkout's hnct package, as an installed package is."""
+    if not compileall.compile_dir(str(checkout / "workflow" / "hnct"), quiet=1):
+        raise SystemExit(f"cannot byte-compile {checkout / 'workflow' / 'hnct'}")
 
 
 def generated_series(workdir: Path, n_slices: int, rows: int) -> Path:
@@ -59,20 +76,24 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
                  reference_checkout: Path | None = None) -> dict[str, Any]:
     out = workdir / f"out-{name}"
     out.mkdir(parents=True, exist_ok=True)
+    # tool: (command, environment, the files its previous run left, removed before each run untimed:
+    # every run writes into a folder without its earlier output, as a Snakemake job does)
     commands = {
-        "hnct": (hnct_cmd(name, folder, out), None),
+        "hnct": (hnct_cmd(name, folder, out), None, f"{name}.*"),
         "dcm2niix": ([dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
-                     None),
+                     None, f"{name}_dcm2niix*"),
     }
     if reference_checkout:
         # The same command on another checkout (e.g. before a change), to see the gain in this run.
         env = benchutil.worker_env()
         env["PYTHONPATH"] = str(reference_checkout / "workflow")
         (out / "reference").mkdir(exist_ok=True)
-        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env)
+        commands["hnct_reference"] = (hnct_cmd(name, folder, out / "reference"), env, f"reference/{name}.*")
     runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in commands}
     for attempt in range(repeat + 1):  # the first round warms the page cache and is not kept
-        for tool, (cmd, env) in commands.items():
+        for tool, (cmd, env, previous) in commands.items():
+            for path in out.glob(previous):
+                path.unlink()
             measured = benchutil.run_measured(cmd, timeout=timeout, env=env)
             if measured["returncode"] != 0:
                 raise SystemExit(f"{tool} failed on {folder}:\n"
@@ -98,7 +119,8 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="alternating pairs per series (default 7)")
-    parser.add_argument("--lung1", default=str(LUNG1), help="the LUNG1-001 CT folder (skipped if absent)")
+    parser.add_argument("--lung1", default="", help="the LUNG1-001 CT folder (default: in the test data cache, "
+                        "$HNCT_TESTDATA or ~/.cache/hnct/testdata; skipped if absent)")
     parser.add_argument("--small", action="store_true", help="one 64 x 64 x 20 generated series (smoke test)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per child, seconds")
     parser.add_argument("--reference-checkout", default=None,
@@ -114,19 +136,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.small:
             series.append(("generated-64x64x20", generated_series(workdir / "gen", 20, 64)))
         else:
-            if Path(args.lung1).is_dir():
-                series.append(("LUNG1-001", Path(args.lung1)))
+            from hnct.testdata import HOW_TO_GET, default_root
+
+            lung1 = Path(args.lung1) if args.lung1 else default_root() / LUNG1
+            if lung1.is_dir():
+                series.append(("LUNG1-001", lung1))
             else:
-                print(f"LUNG1-001 not found at {args.lung1}: skipped", file=sys.stderr)
+                print(f"LUNG1-001 not found at {lung1}: skipped ({HOW_TO_GET})", file=sys.stderr)
             series.append(("generated-512x512x300", generated_series(workdir / "gen", 300, 512)))
         reference = Path(args.reference_checkout).resolve() if args.reference_checkout else None
+        for checkout in [benchutil.REPO] + ([reference] if reference else []):
+            compile_package(checkout)
         pairs = [measure_pair(name, folder, workdir, args.repeat, args.timeout, reference) for name, folder in series]
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "benchmark": "convert_vs_dcm2niix",
-        "reference": "dcm2niix -z n -b n (PyPI dcm2niix), same series, alternating runs",
+        "reference": "dcm2niix -z n -b n (the PyPI dcm2niix package's binary), same series, alternating runs",
         "reference_checkout": str(reference) if reference else None,
         "target": f"hnct / dcm2niix <= {TARGET_RATIO} (median whole-process wall time)",
         "machine": benchutil.finish_info(info),

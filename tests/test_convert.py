@@ -228,7 +228,10 @@ def test_cli_converts_a_series_with_a_localizer_beside_it(tmp_path):
 
 # Imports that cost a plain CT conversion (orthogonal, even spacing, no labels) a large share of
 # dcm2niix's whole run (benchmarks/convert_vs_dcm2niix.py): that path must not load them.
-HEAVY_IMPORTS = ("SimpleITK", "scipy", "pandas", "matplotlib", "torch", "highdicom", "requests")
+HEAVY_IMPORTS = ("SimpleITK", "scipy", "pandas", "matplotlib", "torch", "highdicom", "requests",
+                 # pydicom's pixel-data codecs: only for a compressed transfer syntax
+                 "gdcm", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "PIL",
+                 "numpy.ma")  # np.median's NaN check imports it (~0.02 s)
 
 
 def test_plain_ct_conversion_imports_no_heavy_library(tmp_path):
@@ -239,7 +242,7 @@ def test_plain_ct_conversion_imports_no_heavy_library(tmp_path):
         "from hnct.convert import main\n"
         f"main(['--case', 'C', '--dicom-dir', {str(tmp_path / 'dicom')!r}, '--volume', {str(out / 'v.nrrd')!r},"
         f" '--sidecar', {str(out / 'v.json')!r}, '--labels', 'none'])\n"
-        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_IMPORTS!r})))\n"
+        f"print(sorted(({{m.split('.')[0] for m in sys.modules}} | set(sys.modules)) & set({HEAVY_IMPORTS!r})))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], env={"PYTHONPATH": str(REPO / "workflow"),
                           "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
@@ -306,3 +309,27 @@ def test_demo_broken_cases_are_excluded(demo_cohort, tmp_path):
                            **options)
         assert sidecar["status"] == "excluded" and re.search(pattern, sidecar["reason"]), sidecar
         assert not list(out.rglob("*.nrrd"))
+
+
+@pytest.mark.parametrize("dtype,shape", [("int16", (3, 4, 5)), ("uint8", (2, 7, 3))])
+def test_write_nrrd_writes_the_bytes_of_pynrrd_with_the_write_time_blanked(tmp_path, dtype, shape):
+    """write_nrrd writes the voxels from the array's memory: the file is byte for byte what
+    nrrd.write gives (header included), with only the write-time comment blanked."""
+    import nrrd
+
+    from hnct.convert import _blank_write_time, write_nrrd
+
+    array = (np.arange(np.prod(shape)) * 37 - 50).astype(dtype).reshape(shape)
+    direction = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    geometry = {"direction": direction, "spacing": [0.5, 0.75, 2.5], "origin": [-10.0, 20.5, -300.25]}
+    write_nrrd(array[:, ::-1, :], geometry, tmp_path / "hnct.nrrd")  # a view, not C-contiguous
+    axes = np.reshape(direction, (3, 3)) * np.asarray(geometry["spacing"])
+    nrrd.write(str(tmp_path / "pynrrd.nrrd"), np.ascontiguousarray(array[:, ::-1, :]),
+               {"space": "left-posterior-superior", "space directions": axes.T,
+                "space origin": np.asarray(geometry["origin"]), "kinds": ["domain"] * 3, "encoding": "raw"},
+               index_order="C")
+    written, reference = (tmp_path / "hnct.nrrd").read_bytes(), (tmp_path / "pynrrd.nrrd").read_bytes()
+    assert b"\n# on " in reference and b"\n# on " not in written
+    assert written == _blank_write_time(reference)
+    data, header = nrrd.read(str(tmp_path / "hnct.nrrd"), index_order="C")
+    assert np.array_equal(data, array[:, ::-1, :]) and data.dtype == np.dtype(dtype)

@@ -13,9 +13,7 @@ tilt about the anterior-posterior axis is sheared along the wrong axis).
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +29,13 @@ SIZE, PIXEL_MM, STEP_MM = 64, 1.0, 2.5
 
 def dcm2niix(folder: Path, out: Path) -> sitk.Image:
     """dcm2niix's corrected volume of ``folder`` (``_Tilt``/``_Eq`` when it wrote one), in LPS."""
-    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
-    assert Path(exe).exists(), "dcm2niix is missing: pip install the test extra (dcm2niix==1.0.20260724)"
+    # The package's own binary: its console-script wrapper breaks when the environment is moved or
+    # copied (its shebang names the interpreter it was installed with).
+    try:
+        import dcm2niix as package
+    except ImportError:
+        pytest.fail("dcm2niix is missing: pip install the test extra (dcm2niix==1.0.20260724)", pytrace=False)
+    exe = package.bin
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([exe, "-z", "n", "-b", "n", "-f", "d2n", "-o", str(out), str(folder)],
                           capture_output=True, text=True, timeout=120)

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from pydicom.uid import UID
 from skimage.draw import polygon as fill_polygon
 
-from hnct import demo
+from hnct import demo, demo_oar
 from hnct.cohort import check_cohort
 
 SEED = 11
@@ -167,7 +167,8 @@ def test_same_seed_writes_identical_bytes_and_another_seed_does_not(cohort, tmp_
 def test_case_files_equal_what_is_written(cohort, written):
     on_disk = {str(p.relative_to(written / "dicom")) for p in (written / "dicom").rglob("*") if p.is_file()}
     planned = {f for case in cohort.index for f in demo.case_files(cohort.loc[case])}
-    assert on_disk - {"metadata.csv"} == planned
+    masks = {f for case in cohort.index for f in demo_oar.mask_files(cohort.loc[case])}  # issue 13
+    assert on_disk - {"metadata.csv"} == planned | masks and planned.isdisjoint(masks)
     for case in cohort.index:
         manifest = json.loads((written / "cases" / f"{case}.json").read_text())
         assert manifest["files"] == demo.case_files(cohort.loc[case])
@@ -293,6 +294,8 @@ def test_rtstruct_references_resolve_and_contours_give_the_planted_structures(co
         assert {item.ReferencedSOPInstanceUID for item in series.ContourImageSequence} == set(ct)
         names = {roi.ROINumber: roi.ROIName for roi in rt.StructureSetROISequence}
         expected = {"GTVp", "Larynx"} | ({"GTVn"} if row["node_positive"] == "1" else set())
+        oars = manifest["organs_at_risk"]  # issue 13 (hnct.demo_oar)
+        expected |= set(oars["roi_names"].values()) | set(oars["unmatched_rois"])
         assert set(names.values()) == expected
         assert {o.ReferencedROINumber for o in rt.RTROIObservationsSequence} == set(names)
         geo = manifest["geometry"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetSt
 
 from hnct import dicomio
 from hnct.common import InputError
+from hnct.structures import paint_label_map
 
 ROWS, COLS = 16, 20
 PIXEL_MM = (0.5, 0.8)  # PixelSpacing [row spacing (y), column spacing (x)]
@@ -132,18 +136,21 @@ def read(folder, series_uid="", **kw):
 
 @pytest.mark.parametrize("signed,bits_stored,syntax", [(0, 16, "explicit"), (1, 16, "implicit"), (0, 12, "explicit"),
                                                      (1, 12, "explicit"), (1, 10, "implicit")])
-def test_native_pixel_read_equals_pydicoms_pixel_array(tmp_path, monkeypatch, signed, bits_stored, syntax):
-    """The numpy read of uncompressed 16-bit slices gives pydicom's values, unused high bits included."""
+@pytest.mark.parametrize("shape", [(7, 5), (160, 96)], ids=["in-memory", "deferred"])
+def test_native_pixel_read_equals_pydicoms_pixel_array(tmp_path, monkeypatch, signed, bits_stored, syntax, shape):
+    """The numpy read of uncompressed 16-bit slices gives pydicom's values, unused high bits included,
+    whether the pixel data is in memory or was deferred by the index (then read at its file offset)."""
+    from pydicom.dataelem import RawDataElement
     from pydicom.pixels import pixel_array
     from pydicom.uid import ImplicitVRLittleEndian
 
     ds = _base(CTImageStorage, "CT", "P1", generate_uid(), generate_uid())
     if syntax == "implicit":
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 7, 5, 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *shape, 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, signed
     # Every 16-bit pattern, so the unused high bits hold garbage that both reads must discard alike.
-    raw = np.random.default_rng(bits_stored + signed).integers(0, 2 ** 16, size=(7, 5), dtype=np.uint16)
+    raw = np.random.default_rng(bits_stored + signed).integers(0, 2 ** 16, size=shape, dtype=np.uint16)
     ds.PixelData = raw.astype("<u2").tobytes()
     path = tmp_path / "slice.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -153,9 +160,78 @@ def test_native_pixel_read_equals_pydicoms_pixel_array(tmp_path, monkeypatch, si
     def not_the_fast_path(ds):
         raise AssertionError("fell back to pydicom's pixel_array")
 
+    element = read.get_item(dicomio.PIXEL_DATA_TAG, keep_deferred=True)
+    deferred = isinstance(element, RawDataElement) and element.value is None
+    assert deferred == (shape[0] * shape[1] * 2 > dicomio.DEFER_BYTES)
     monkeypatch.setattr(dicomio, "pixel_array", not_the_fast_path)
     fast = dicomio._stored_values(read)
     assert fast.dtype == expected.dtype and np.array_equal(fast, expected)
+
+
+def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom_does(tmp_path):
+    """Importing hnct.dicomio (before pydicom) imports no codec package; asking pydicom's registry
+    about a compressed syntax registers the plugins exactly as a plain pydicom import does (same
+    available plugins in the same order, same unavailable ones, for every decoder and encoder)."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = _base(CTImageStorage, "CT", "P1", generate_uid(), generate_uid())
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 40, 36, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    stored = np.random.default_rng(7).integers(-1024, 3000, size=(40, 36)).astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    ds.compress(JPEG2000Lossless)
+    compressed = tmp_path / "j2k.dcm"
+    ds.save_as(compressed, enforce_file_format=True)
+    assert np.array_equal(pixel_array(pydicom.dcmread(compressed)), stored)
+    script = (
+        "import json, sys\n"
+        "if sys.argv[1] == 'hnct':\n"
+        "    from hnct import dicomio\n"
+        "    print(json.dumps(sorted(set(dicomio.DEFERRED_CODECS) & set(sys.modules))))\n"
+        "    import pydicom  # the first compressed file met registers the plugins\n"
+        "    print(dicomio._stored_values(pydicom.dcmread(sys.argv[2])).tolist())\n"
+        "else:\n"
+        "    print('[]')\n"
+        "    print('[]')\n"
+        "from pydicom.pixels.common import CoderBase\n"
+        "from pydicom.pixels.decoders import base as decoders\n"
+        "from pydicom.pixels.encoders import base as encoders\n"
+        "print(json.dumps({f'{m.__name__}.{n}': [list(c._available), sorted(c._unavailable),\n"
+        "                   [f.__module__ + '.' + f.__name__ for f in c._available.values()]]\n"
+        "                  for m in (decoders, encoders) for n, c in vars(m).items() if isinstance(c, CoderBase)}))\n"
+    )
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "workflow"), "PATH": "/usr/bin:/bin"}
+    answers = {}
+    for how in ("hnct", "plain"):
+        proc = subprocess.run([sys.executable, "-c", script, how, str(compressed)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        imported, decoded, registry = proc.stdout.strip().splitlines()[-3:]
+        assert json.loads(imported) == [], f"hnct.dicomio imported codec packages {imported}"
+        answers[how] = json.loads(registry)
+        if how == "hnct":
+            assert np.array_equal(np.array(json.loads(decoded)), stored)
+    assert answers["hnct"] == answers["plain"]
+    assert "gdcm" in answers["plain"]["pydicom.pixels.decoders.base.JPEGLosslessSV1Decoder"][0]
+
+
+def test_index_decodes_series_text_in_each_files_character_set(tmp_path):
+    """The same raw bytes are different text in different character sets: the index's text
+    (decoded once per distinct value) follows each file's SpecificCharacterSet."""
+    descriptions = {"ISO_IR 100": "Kopf é", "ISO_IR 144": "Kopf щ"}  # both b"Kopf \xe9" in the file
+    written = {}
+    for charset, description in descriptions.items():
+        series = write_ct_series(tmp_path / charset.replace(" ", "_"), 2, names=lambda k: f"{k}.dcm")
+        for path in sorted((tmp_path / charset.replace(" ", "_")).iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.SpecificCharacterSet, ds.SeriesDescription, ds.Manufacturer = charset, description, description
+            ds.save_as(path)
+            assert path.read_bytes().count(b"Kopf \xe9") == 2
+        written[series["series_uid"]] = description
+    index = dicomio.scan_series(tmp_path)
+    assert {row["series_uid"]: row["series_description"] for row in index} == written
+    assert {row["series_uid"]: row["manufacturer"] for row in index} == written
 
 
 def test_index_groups_by_series_uid_not_folder_and_notes_non_dicom(tmp_path):
@@ -301,8 +377,8 @@ def test_rtstruct_nested_contours_make_a_hole_and_names_match_loosely(tmp_path):
     outer, hole = square((8.0, 4.0), 3.0, z), square((8.0, 4.0), 1.0, z)
     write_rtstruct(tmp_path / "rt.dcm", ct, {"larynx": [square((4.0, 4.0), 2.0, 2.0)], "GTV_p": [outer, hole]})
     index, row, _, image, geometry = read(tmp_path)
-    label, report = dicomio.rtstruct_label_map("C", index, row, geometry, image, ["Larynx", "GTVp"])
-    array = sitk.GetArrayFromImage(label)
+    channels, report = dicomio.rtstruct_label_map("C", index, row, geometry, image, ["Larynx", "GTVp"])
+    array = paint_label_map(channels)
     assert report["matched"]["Larynx"]["how"] == "case-insensitive"
     assert report["matched"]["GTVp"]["how"] == "normalised"
     gtv = array[2] == 2
@@ -328,24 +404,36 @@ def test_match_structures_prefers_exact_then_case_then_normalised():
     assert "Cord" not in matched
 
 
-def test_mask_folder_masks_are_resampled_onto_the_ct_grid(tmp_path):
+def test_mask_folder_mask_off_the_ct_grid_is_bad_input(tmp_path):
+    """A mask on another grid (twice the CT spacing, or shifted) is not resampled: the case is
+    excluded naming the file and what differs (issue 13's bad input)."""
     write_ct_series(tmp_path / "ct", 6, origin=(0.0, 0.0, 0.0))
     _, _, _, image, _ = read(tmp_path / "ct")
-    # A coarser mask grid (twice the CT spacing) covering the same space.
     mask = sitk.Image([COLS // 2, ROWS // 2, 3], sitk.sitkUInt8)
     mask.SetSpacing([2 * PIXEL_MM[1], 2 * PIXEL_MM[0], 4.0])
     mask.SetOrigin(image.GetOrigin())
     mask[2:5, 1:4, 1:3] = 1
     (tmp_path / "masks" / "C").mkdir(parents=True)
-    sitk.WriteImage(mask, str(tmp_path / "masks" / "C" / "larynx.nii.gz"))
-    label, report = dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
-    assert report["resampled"] == ["Larynx"] and label.GetSize() == image.GetSize()
-    voxel_mm3 = np.prod(image.GetSpacing())
-    assert (sitk.GetArrayFromImage(label) == 1).sum() * voxel_mm3 == pytest.approx(3 * 3 * 2 * np.prod(mask.GetSpacing()), rel=0.35)
-    mask.SetOrigin((500.0, 500.0, 500.0))
-    sitk.WriteImage(mask, str(tmp_path / "masks" / "C" / "larynx.nii.gz"))
-    with pytest.raises(InputError, match="does not overlap"):
-        dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx"])
+    path = tmp_path / "masks" / "C" / "larynx.nii.gz"
+    sitk.WriteImage(mask, str(path))
+    with pytest.raises(InputError, match=r"is not on the CT's grid: its size is \[10, 8, 3\]") as err:
+        dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
+    assert err.value.case == "C" and Path(err.value.file) == path
+    on_grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    on_grid.CopyInformation(image)
+    on_grid[2:5, 1:4, 1:3] = 1
+    sitk.WriteImage(on_grid, str(path))
+    channels, report = dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx", "GTVp"])
+    assert channels.shape == (2,) + tuple(reversed(image.GetSize())) and channels[0].sum() == 3 * 3 * 2
+    assert report["annotated"] == ["Larynx"] and channels[1].sum() == 0
+    for what, change in (("origin", lambda m: m.SetOrigin((0.0, 0.0, 0.05))),
+                         ("spacing", lambda m: m.SetSpacing((PIXEL_MM[1], PIXEL_MM[0], 2.01))),
+                         ("direction", lambda m: m.SetDirection((1, 0, 0, 0, 0, 1, 0, 1, 0)))):
+        shifted = sitk.Image(on_grid)
+        change(shifted)
+        sitk.WriteImage(shifted, str(path))
+        with pytest.raises(InputError, match=f"its {what} is"):
+            dicomio.mask_folder_label_map("C", tmp_path / "masks", image, ["Larynx"])
 
 
 def test_fill_polygon_agrees_with_skimage_on_random_polygons():

@@ -127,11 +127,16 @@ def test_each_cases_data_lie_in_its_declared_folder(run):
 
 
 def test_an_option_the_stage_does_not_use_reruns_nothing(run, tmp_path):
-    # The demo crops by mask and reads labels from RTSTRUCT: the crop table and the mask folder are unused.
+    # The demo crops by mask: the crop table is unused. (Its labels come from the RTSTRUCTs and, since
+    # issue 13, a mask folder beside some cases: convert.mask_dir is used, the TCIA manifest is not.)
     unused = tmp_path / "unused.yaml"
     unused.write_text(yaml.safe_dump({"crop": {"table": "boxes.tsv", "table_format": "bbox3d"},
-                                      "convert": {"mask_dir": "/elsewhere/masks"}}))
+                                      "tcia": {"manifest": "/elsewhere/basket.tcia"}}))
     assert run.planned_rules(unused) == []
+    # A structure name pattern reaches convert: it reruns the conversions.
+    names = tmp_path / "names.yaml"
+    names.write_text(yaml.safe_dump({"convert": {"structure_names": {"SpinalCord": ["spinal[ _-]?cord", "sc"]}}}))
+    assert "convert_series" in run.planned_rules(names)
     # ... while an option the mask crop uses reruns the crops and what follows them.
     used = tmp_path / "used.yaml"
     used.write_text(yaml.safe_dump({"crop": {"margin_mm": 9.0}}))

@@ -301,3 +301,22 @@ def test_seg_off_the_ct_grid_is_resampled(demo_case, tmp_path):
     expected = np.zeros_like(larynx)
     expected[:, :, 1:] = larynx[:, :, :-1]
     assert np.array_equal(label_array(tmp_path / "out") == 1, expected)
+
+
+def test_seg_segment_labels_are_harmonised_like_roi_names(demo_case, tmp_path):
+    """Segment labels reach their structures through convert.structure_names (issue 13): 'LARYNX_ROI'
+    and 'gtv primary' by pattern, 'GTV-n' ignoring punctuation; a label no structure matches is listed
+    in unmatched_rois; a label two structures claim excludes the case."""
+    names = {"Larynx": ["larynx[ _-]?roi"], "GTVp": ["gtv[ _-]?primary"]}
+    folder = seg_case(demo_case, tmp_path, names=["LARYNX_ROI", "gtv primary", "GTV-n"])
+    sidecar = convert(folder, tmp_path / "out", structures=STRUCTURES, structure_names=names)
+    assert sidecar["status"] == "ok", sidecar.get("reason")
+    assert np.array_equal(label_array(tmp_path / "out"), demo_case["labels"])
+    assert {s: m["how"] for s, m in sidecar["label_matching"]["matched"].items()} == {
+        "Larynx": "pattern", "GTVp": "pattern", "GTVn": "normalised"}
+    assert [e["source"] for e in sidecar["structures"]] == ["LARYNX_ROI", "gtv primary", "GTV-n"]
+    sidecar = convert(folder, tmp_path / "out2", structures=["Larynx", "GTVp"], structure_names=names)
+    assert sidecar["unmatched_rois"] == ["GTV-n"] and [e["annotated"] for e in sidecar["structures"]] == [True, True]
+    sidecar = convert(folder, tmp_path / "out3", structures=STRUCTURES, structure_names={**names, "GTVn": ["gtv.*"]})
+    assert sidecar["status"] == "excluded"
+    assert "ROI 'gtv primary' in " in sidecar["reason"] and "matches 2 structures ['GTVn', 'GTVp']" in sidecar["reason"]

@@ -22,7 +22,6 @@ import platform
 import shutil
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -53,6 +52,9 @@ class InputError(Exception):
 
 
 def software_versions() -> dict[str, str]:
+    # importlib.metadata (~0.05-0.1 s with its email and zipfile imports) only when a sidecar is written.
+    from importlib import metadata
+
     versions = {"python": platform.python_version(), "hnct": _hnct_version()}
     for name in TRACKED_PACKAGES:
         try:

@@ -1,19 +1,30 @@
-"""convert{case}: the case's CT series as an int16 HU NRRD and its label map as a uint8 NRRD.
+"""convert{case}: the case's CT series as an int16 HU NRRD, its structures and label map as uint8 NRRDs.
 
 Reads the case's DICOM folder through :mod:`hnct.dicomio` (which documents the series choice and
 the geometry checks), writes ``results/volumes/{case}/volume.nrrd`` (int16 HU, LPS geometry, no
-compression) and, unless ``labels`` is ``none``, ``results/volumes/{case}/label.nrrd`` (uint8,
-value = position in ``structures`` + 1) on the same grid, then the sidecar
-``results/volumes/{case}.json`` that names them. Labels come from the RTSTRUCT
-(:mod:`hnct.dicomio`), the DICOM SEG (:mod:`hnct.seg`), whichever of the two the case has
-(``auto``: :func:`hnct.seg.pick_label_source`) or a mask folder. Everything is computed in
-memory before the first file is written, so an excluded case leaves no NRRD behind (stale ones
-from an earlier run are removed too).
+compression) and, unless ``labels`` is ``none``, on the same grid
+``results/volumes/{case}/structures.nrrd`` (one 0/1 channel per structure of ``structures``,
+lossless where structures overlap, :func:`hnct.structures.write_structures`) and
+``results/volumes/{case}/label.nrrd`` (uint8, value = position in ``structures`` + 1, painted in
+that order so the later structure wins where two overlap: the priority order of challenge-format
+label maps), then the sidecar ``results/volumes/{case}.json`` that names them.
+
+Labels come from the RTSTRUCT (:mod:`hnct.dicomio`), the DICOM SEG (:mod:`hnct.seg`), whichever of
+the two the case has (``auto``: :func:`hnct.seg.pick_label_source`) or a mask folder (``nrrd``).
+With ``rtstruct``/``seg``/``auto`` a ``mask_dir`` is a second source: the structures its masks have
+are added (a structure found in both sources is bad input). ROI names and mask file names are
+harmonised through ``structure_names`` (:mod:`hnct.structures`). The sidecar's ``structures`` list
+says per structure whether the case has it (``annotated``: a structure without contour or mask is
+unknown for the case, its channel all zero, never to be read as background), where it came from
+and its voxel count; ``unmatched_rois`` lists every ROI name or mask file that matched no
+structure. Everything is computed in memory before the first file is written, so an excluded case
+leaves no NRRD behind (stale ones from an earlier run are removed too).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -45,38 +56,59 @@ def series_uid_param(cohort) -> Callable[[Any], str]:
 
 
 def write_nrrd(array, geometry: dict[str, Any], path: str | Path) -> None:
-    """Write a (z, y, x) array as NRRD atomically through pynrrd, uncompressed, on ``geometry``'s
-    LPS grid (``origin``, ``spacing``, ``direction`` as ITK gives them: the direction's columns are
-    the axes). Raw: 70 MB for a 512x512x134 CT writes in 0.02 s and reads in 0.07 s; gzip halves it
-    but takes 1 s to write, 0.5 s to read. pynrrd rather than SimpleITK keeps SimpleITK's import
-    (0.2-0.4 s) out of the plain CT path; SimpleITK and every other NRRD reader read it back."""
-    import nrrd
+    """Write a (z, y, x) array as NRRD atomically, uncompressed, on ``geometry``'s LPS grid
+    (``origin``, ``spacing``, ``direction`` as ITK gives them: the direction's columns are the
+    axes). Raw rather than gzip: gzip halves a 70 MB CT but takes 1 s to write, 0.5 s to read.
+
+    The header is pynrrd's (its header builder and writer, ``nrrd.writer._handle_header`` and
+    ``_write_header``: private in the pinned pynrrd 1.1.3, so a test checks the file equals
+    ``nrrd.write``'s; the write-time comment blanked, see :func:`_blank_write_time`); the voxels are written from the array's own memory,
+    the bytes ``nrrd.write`` would write without its ``tobytes()`` copy of the volume (a tenth of a
+    second and the volume's size again in memory for a 512x512x300 CT). pynrrd rather than SimpleITK
+    keeps SimpleITK's import (0.2-0.4 s) out of the plain CT path; SimpleITK and every other NRRD
+    reader read it back."""
+    import io
+
+    import nrrd.writer
     import numpy as np
 
     axes = np.reshape(np.asarray(geometry["direction"], dtype=float), (3, 3)) * np.asarray(geometry["spacing"])
-    header = {
+    data = np.ascontiguousarray(array)
+    header = nrrd.writer._handle_header(data, {
         "space": "left-posterior-superior",
         "space directions": axes.T,  # one row per file axis (x, y, z)
         "space origin": np.asarray(geometry["origin"], dtype=float),
         "kinds": ["domain", "domain", "domain"],
         "encoding": "raw",
-    }
+    }, index_order="C")
+    text = io.BytesIO()
+    nrrd.writer._write_header(text, header)
     with atomic_path(path, suffix=".nrrd") as tmp:
-        nrrd.write(str(tmp), np.ascontiguousarray(array), header, index_order="C")
-        _blank_write_time(tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(_blank_write_time(text.getvalue()))
+            fh.write(memoryview(data).cast("B"))  # raw encoding: the C-order bytes, as tobytes() gives them
 
 
-def _blank_write_time(path: str | Path) -> None:
+def _blank_write_time(header: bytes) -> bytes:
     """pynrrd puts the wall-clock time in a header comment (``# on <date>(GMT).``), so the same
-    volume written twice would differ byte for byte; blank that comment in place (same length, still
-    a comment) so that a rerun rebuilds identical files."""
+    volume written twice would differ byte for byte; blank that comment (same length, still a
+    comment) so that a rerun rebuilds identical files."""
+    start = header.find(b"\n# on ") + 1
+    if start <= 0:
+        return header
+    end = header.index(b"\n", start)
+    return header[:start] + b"#".ljust(end - start) + header[end:]
+
+
+def blank_write_time_in_file(path: str | Path) -> None:
+    """:func:`_blank_write_time` on a file ``nrrd.write`` wrote (gzip data: the header is patched in
+    place, the blanked comment has the same length)."""
     with open(path, "r+b") as fh:
-        head = fh.read(1024)
-        start = head.find(b"\n# on ") + 1
-        if start > 0:
-            end = head.index(b"\n", start)
-            fh.seek(start)
-            fh.write(b"#".ljust(end - start))
+        head = fh.read(8192)
+        end = head.find(b"\n\n")
+        header = head[: end + 1] if end >= 0 else head
+        fh.seek(0)
+        fh.write(_blank_write_time(header))
 
 
 def convert_case(
@@ -90,6 +122,10 @@ def convert_case(
     mask_dir: str | Path = "",
     structures: Sequence[str] = ("Larynx", "GTVp", "GTVn"),
     required_structures: Sequence[str] = (),
+    structure_names: dict[str, Sequence[str]] | None = None,
+    mask_pattern: str = "default",
+    annotation_table: str | Path = "",
+    structures_path: str | Path | None = None,
     gantry_tilt: str = "correct",
     max_tilt_deg: float = 0.5,
     max_spacing_spread: float = 0.01,
@@ -102,6 +138,8 @@ def convert_case(
 
     ``out_dir``: the case's declared folder holding ``volume_path`` and ``label_path`` (emptied
     first; stays empty when the case is excluded), see :func:`hnct.common.run_case_stage`.
+    ``structures_path``: the channels' NRRD (default ``structures.nrrd`` beside ``label_path``).
+    ``mask_dir`` and ``annotation_table`` may name the case's DICOM folder as ``{dicom_dir}``.
     """
     if labels not in LABEL_SOURCES:
         raise ValueError(f"labels must be one of {LABEL_SOURCES}, not {labels!r}")
@@ -109,12 +147,53 @@ def convert_case(
     missing_config = [s for s in required_structures if s not in structures]
     if missing_config:
         raise ValueError(f"required_structures {missing_config} are not in structures {structures}")
-    for stale in (volume_path, label_path):
+    if label_path and structures_path is None:
+        structures_path = Path(label_path).with_name("structures.nrrd")
+    for stale in (volume_path, label_path, structures_path):
         if stale and Path(stale).exists():
             Path(stale).unlink()
 
     # Imported here so the rule file can import this module's params helpers without pydicom.
+    import numpy as np
+
     from hnct import dicomio
+    from hnct import structures as structures_mod
+
+    def read_structures(folder, index, series, geometry, hu):
+        """(channels, report of the DICOM label object or mask folder, report of a second mask
+        source or None, the label source used)."""
+        from hnct import seg  # highdicom: only where a SEG may be read
+
+        try:
+            structures_mod.check_structures(structures, structure_names)
+        except ValueError as err:
+            raise InputError(case, "convert.structures", f"convert.structures / structure_names: {err}") from None
+        volume = dicomio.image_on_grid(hu, geometry)
+        masks_at = str(mask_dir).replace("{dicom_dir}", str(folder))
+        table_at = str(annotation_table).replace("{dicom_dir}", str(folder))
+
+        def masks(required: bool):
+            return dicomio.mask_folder_label_map(case, masks_at, volume, structures, mask_pattern, structure_names,
+                                                 table_at, required=required)
+
+        source = seg.pick_label_source(index) if labels == "auto" else labels
+        if source == "nrrd":
+            channels, report = masks(required=True)
+            return channels, report, None, source
+        if source == "rtstruct":
+            channels, report = dicomio.rtstruct_label_map(case, index, series, geometry, volume, structures,
+                                                          structure_names)
+        else:
+            channels, report = seg.seg_label_map(case, index, series, geometry, volume, structures, structure_names)
+        if not mask_dir:
+            return channels, report, None, source
+        extra, mask_report = masks(required=False)
+        both = sorted(set(report["annotated"]) & set(mask_report["annotated"]))
+        if both:
+            raise InputError(case, mask_report["folder"], f"structure(s) {both} are both in the {source.upper()} "
+                             f"{report.get('file')} and in the mask folder {mask_report['folder']}: keep one source")
+        channels |= extra
+        return channels, report, mask_report, source
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
@@ -126,27 +205,16 @@ def convert_case(
         hu, geometry = dicomio.read_ct_array(case, series, gantry_tilt=gantry_tilt, max_tilt_deg=max_tilt_deg,
                                              max_spacing_spread=max_spacing_spread,
                                              max_slice_gap_mm=max_slice_gap_mm, slice_step_mm=slice_step_mm)
-        label_image, label_report, source = None, None, labels
+        channels, label_report, mask_report, source = None, None, None, labels
         if labels != "none":  # SimpleITK only where labels are painted or resampled onto the CT grid
-            import SimpleITK as sitk
-
-            from hnct import seg  # highdicom: only where a SEG may be read
-
-            volume = dicomio.image_on_grid(hu, geometry)
-            source = seg.pick_label_source(index) if labels == "auto" else labels
-            if source == "rtstruct":
-                label_image, label_report = dicomio.rtstruct_label_map(case, index, series, geometry, volume,
-                                                                       structures)
-            elif source == "seg":
-                label_image, label_report = seg.seg_label_map(case, index, series, geometry, volume, structures)
-            else:
-                label_image, label_report = dicomio.mask_folder_label_map(case, mask_dir, volume, structures)
-            label_image = sitk.GetArrayFromImage(label_image)
-        present: list[str] = []
-        if label_image is not None:
-            counts = {s: int((label_image == v).sum()) for v, s in enumerate(structures, start=1)}
-            present = [s for s in structures if counts[s] > 0]
-            label_report["voxels"] = counts
+            channels, label_report, mask_report, source = read_structures(folder, index, series, geometry, hu)
+        label_image, present, entries, unmatched = None, [], [], []
+        if channels is not None:
+            label_image = structures_mod.paint_label_map(channels)
+            entries, unmatched = structure_entries(structures, channels, label_report, mask_report)
+            present = [e["name"] for e in entries if e["annotated"] and e["voxels"] > 0]
+            counts = np.bincount(label_image.ravel(), minlength=len(structures) + 1)
+            label_report["voxels"] = {s: int(counts[v]) for v, s in enumerate(structures, start=1)}
             absent = [s for s in required_structures if s not in present]
             if absent:
                 label_file = label_report.get("file") or label_report.get("folder", "")
@@ -154,6 +222,7 @@ def convert_case(
                                  f"(found {present}; ROI names {label_report.get('roi_names', '')})")
         write_nrrd(hu, geometry, volume_path)
         if label_image is not None:
+            structures_mod.write_structures(channels, geometry, structures_path)
             write_nrrd(label_image, geometry, label_path)
         seconds = time.perf_counter() - started
         log.info("case %s: series %s, %d slices, size %s, spacing %s mm in %.1f s", case, series["series_uid"],
@@ -182,13 +251,34 @@ def convert_case(
             "label_source": source,
             "labels": {str(v): s for v, s in enumerate(structures, start=1)} if label_image is not None else {},
             "structures_present": present,
+            "structures": entries,
+            "unmatched_rois": unmatched,
             "label_matching": label_report,
+            "mask_matching": mask_report,
             "volume": str(volume_path),
             "label": str(label_path) if label_image is not None else None,
+            "structures_file": str(structures_path) if label_image is not None else None,
             "seconds": round(seconds, 3),
         }
 
     return run_case_stage(case, "convert", sidecar_path, work, upstream=upstream or None, out_dir=out_dir)
+
+
+def structure_entries(structures: Sequence[str], channels, label_report: dict[str, Any],
+                      mask_report: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sidecar's ``structures`` (name, channel, label, annotated, source, voxels per structure)
+    and ``unmatched_rois`` (of both sources)."""
+    import numpy as np
+
+    reports = [r for r in (label_report, mask_report) if r]
+    entries = []
+    for channel, structure in enumerate(structures):
+        found = next((r for r in reports if structure in r["annotated"]), None)
+        match = found["matched"][structure] if found else {}
+        entries.append({"name": structure, "channel": channel, "label": channel + 1, "annotated": found is not None,
+                        "source": match.get("file") or match.get("roi"),
+                        "voxels": int(np.count_nonzero(channels[channel]))})
+    return entries, sorted({name for r in reports for name in r.get("unmatched_rois", [])})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-dir", nargs="?", const="", default="")
     parser.add_argument("--structures", nargs="*", default=["Larynx", "GTVp", "GTVn"])
     parser.add_argument("--required-structures", nargs="*", default=[])
+    parser.add_argument("--structure-names", default="{}", help="JSON: structure -> ROI-name patterns")
+    parser.add_argument("--mask-pattern", default="default", help="mask file layout below --mask-dir, or a preset")
+    parser.add_argument("--annotation-table", nargs="?", const="", default="",
+                        help="table saying which structures each case has (HaN-Seg's OAR_data.csv)")
+    parser.add_argument("--structures-file", default="", help="output channels NRRD (default beside --label)")
     parser.add_argument("--gantry-tilt", choices=("correct", "exclude"), default="correct",
                         help="tilted series: resample onto an orthogonal grid, or exclude")
     parser.add_argument("--max-tilt-deg", type=float, default=0.5)
@@ -222,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     convert_case(
         args.case, args.dicom_dir, args.volume, args.label or None, args.sidecar,
         series_uid=args.series_uid, labels=args.labels, mask_dir=args.mask_dir,
-        structures=structures, required_structures=required,
+        structures=structures, required_structures=required, structure_names=json.loads(args.structure_names),
+        mask_pattern=args.mask_pattern, annotation_table=args.annotation_table,
+        structures_path=args.structures_file or None,
         gantry_tilt=args.gantry_tilt, max_tilt_deg=args.max_tilt_deg,
         max_spacing_spread=args.max_spacing_spread, max_slice_gap_mm=args.max_slice_gap_mm,
         slice_step_mm=args.slice_step_mm,

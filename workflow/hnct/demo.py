@@ -60,6 +60,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
+from hnct import demo_oar
 from hnct.cohort import check_cohort
 from hnct.common import atomic_path, progress, setup_logging, write_json
 
@@ -278,7 +279,8 @@ def dicom_root_param(wildcards, output) -> str:
 
 
 def case_files(row: pd.Series) -> list[str]:
-    """The exact files :func:`write_case` writes for ``row``, relative to the DICOM root."""
+    """The exact DICOM files :func:`write_case` writes for ``row``, relative to the DICOM root (the
+    organs-at-risk mask folder some cases get besides: :func:`hnct.demo_oar.mask_files`)."""
     return [f"{s['folder']}/{name}" for s in _series_of(row) for name in s["files"]]
 
 
@@ -501,9 +503,11 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
         present = [k for k in range(n) if k != missing]
         # InstanceNumber 1 = most superior slice (scanner order); file 1-001 = instance 1.
         present_desc = sorted(present, reverse=True)
+        oar, oar_rng = demo_oar.Phantom(anat, X, Y), np.random.default_rng([int(row["pixel_seed"]), 13])
         for name, k in zip(s["files"], present_desc):
             region = _region_slice(anat, zs[k], geo["xs"], geo["ys"])
             hu = REGION_HU[region] + noise_rng.normal(0, NOISE_HU, region.shape).astype(np.float32)
+            oar.paint_hu(hu, region, zs[k], oar_rng)  # organs at risk (hnct.demo_oar)
             stored = np.clip(np.rint(hu), -1024, 3071) + 1024
             ds = _image_dataset(row, s, slice_uids[k], stored, signed=True)
             _ct_attributes(ds, row)
@@ -518,6 +522,7 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
                 node_mask |= _ellipsoid(node["centre"], node["semi_axes"], z, X, Y)
             contours["GTVn"] += [(k, c) for c in _mask_contours(node_mask, geo, z)]
             contours["Larynx"] += [(k, c) for c in _mask_contours(_larynx_mask(anat, z, X, Y), geo, z)]
+        demo_oar.add_oars(row, oar, geo, dicom_root, contours)
         rt = by_key["rtstruct"]
         ds = _rtstruct_dataset(row, rt, s, slice_uids, contours)
         _write_dataset(ds, dicom_root / rt["folder"] / rt["files"][0])
@@ -527,6 +532,7 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
     if written != expected:  # a bug, not bad input: the declared outputs must match
         raise RuntimeError(f"case {case}: wrote {len(written)} files, planned {len(expected)}")
     manifest = _manifest(row, geo, anat, series, written, contours)
+    manifest["organs_at_risk"] = demo_oar.truth(row)
     write_json(manifest_path, manifest)
     return manifest
 
@@ -642,6 +648,7 @@ def _rtstruct_dataset(row, rt, ct, slice_uids, contours) -> Dataset:
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
 
     rois = [("GTVp", "GTV", [255, 0, 0]), ("GTVn", "GTV", [0, 0, 255]), ("Larynx", "ORGAN", [0, 255, 0])]
+    rois += [(name, "ORGAN", [255, 255, 0]) for name in contours if name not in ("GTVp", "GTVn", "Larynx")]
     roi_seq, contour_seq, obs_seq = [], [], []
     number = 0
     for name, interpreted, colour in rois:

@@ -38,17 +38,23 @@ decoded by pydicom (which checks the pixel data length, unlike SimpleITK's serie
 compressed transfer syntaxes through its GDCM, pyjpegls and pylibjpeg-openjpeg plugins), rescaled
 to HU, rounded and clipped to int16; the image geometry is set from the validated headers.
 
-Label maps (uint8, value = index in ``structures`` + 1, later structures painted over earlier):
+Labels: one binary channel per structure, a (C, z, y, x) uint8 array in the order of
+``structures`` (:func:`hnct.structures.paint_label_map` makes the uint8 label map of them, value =
+index + 1, later structures painted over earlier). ROI names, segment labels and mask file names
+are matched to structures by :func:`hnct.structures.harmonise` (exact, case-insensitive, ignoring
+punctuation and spaces (``GTV-1`` = ``gtv_1`` = ``GTV 1``), then the ``structure_names`` patterns);
+every report lists ``unmatched_rois`` and ``annotated`` (the structures the label object has: a
+structure it lacks is unknown for the case, not background).
 
 * :func:`rtstruct_label_map`: closed planar RTSTRUCT contours rasterised slice by slice
   (pixel centres inside the polygon, :func:`fill_polygon`; nested contours of one ROI on one slice combine by XOR,
   so holes stay empty). The RTSTRUCT must reference the chosen CT: every referenced SOP
   instance must be in the series (FrameOfReferenceUID is used only when an RTSTRUCT lists no
-  instances). ROI names match structures case-insensitively, then ignoring punctuation and
-  spaces (``GTV-1`` = ``gtv_1`` = ``GTV 1``).
-* :func:`mask_folder_label_map`: ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz|.nii`` masks
-  (non-zero = inside), resampled with nearest neighbour onto the CT grid when their geometry
-  differs.
+  instances).
+* :func:`mask_folder_label_map`: per-structure mask files (``convert.mask_pattern``, e.g.
+  ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``, HaN-Seg's or SegRap's layout), each on exactly
+  the CT's grid (size, spacing, origin, direction within :data:`MASK_GRID_TOL`) and binary (0 and
+  at most one other value); an annotation table (HaN-Seg's ``OAR_data.csv``) may say which exist.
 """
 
 from __future__ import annotations
@@ -57,8 +63,9 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -66,33 +73,126 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 
+# Codec packages that pydicom's pixel-data plugin registry (and its legacy handlers) import when
+# pydicom is imported, to see which plugins are usable: GDCM ~0.06 s, Pillow ~0.03 s, pylibjpeg with
+# its openjpeg / libjpeg / rle codecs and pyjpegls ~0.01-0.02 s each. A CT stored uncompressed
+# (nearly every one) needs none of them, so hnct imports pydicom with them blocked and registers
+# the plugins again the first time anything asks pydicom's registry about a compressed transfer
+# syntax (:func:`register_pixel_plugins`).
+DEFERRED_CODECS = ("gdcm", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls", "PIL")
+# pydicom's plugin modules whose import probes the codecs above, and each plugin's function (the
+# labels are the module names, under pydicom.pixels.decoders / .encoders).
+_PLUGIN_FUNCTIONS = {
+    "decoders": {"gdcm": "_decode_frame", "pylibjpeg": "_decode_frame", "pyjpegls": "_decode_frame",
+                 "pillow": "_decode_frame"},
+    "encoders": {"gdcm": "encode_pixel_data", "pylibjpeg": "_encode_frame", "pyjpegls": "_encode_frame"},
+}
+# The order of the plugins in every table of pydicom 3.0 that has them; pydicom's own (its RLE
+# decoder, its native encoder) after them.
+PLUGIN_ORDER = ("gdcm", "pylibjpeg", "pyjpegls", "pillow")
+_LEGACY_HANDLERS = ("gdcm_handler", "pillow_handler", "pylibjpeg_handler", "jpeg_ls_handler")
+# What the registry's CoderBase answers about plugins: wrapped until the deferred plugins are registered.
+_REGISTRY_MEMBERS = ("_validate_plugins", "is_available", "available_plugins", "missing_dependencies")
+_deferred_originals: dict[str, Any] = {}
+
+
 def _import_pydicom():
-    """Import pydicom without ``requests``, unless something imported that already.
+    """Import pydicom without ``requests`` and without the codec packages (``DEFERRED_CODECS``),
+    unless something imported pydicom (or them) already.
 
     pydicom's import loads ``pydicom.data.download``, which imports ``requests`` when it is
-    installed (0.2-0.3 s, a third of pydicom's import) only to fetch pydicom's own test files;
-    without it pydicom falls back to urllib. hnct never downloads through pydicom, and each
-    convert job is a fresh process, so the block is lifted again right after the import.
+    installed (0.2-0.3 s) only to fetch pydicom's own test files; without it pydicom falls back to
+    urllib. hnct never downloads through pydicom. Its plugin registry imports every installed
+    codec up front; with them blocked the plugins are registered as unavailable, and the
+    registry is wrapped so that its first question about a compressed transfer syntax registers
+    them for real (:func:`register_pixel_plugins`). The blocks are lifted right after the import.
     """
-    import sys
+    if "pydicom" in sys.modules:
+        import pydicom
 
-    blocked = "requests" not in sys.modules and "pydicom" not in sys.modules
-    if blocked:
-        sys.modules["requests"] = None  # type: ignore[assignment]  # `import requests` raises ImportError
+        return pydicom
+    blocked = [name for name in ("requests", *DEFERRED_CODECS) if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
     try:
         import pydicom
+        from pydicom.pixels.common import CoderBase
     finally:
-        if blocked and sys.modules.get("requests", 0) is None:
-            del sys.modules["requests"]
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    if any(name in blocked for name in DEFERRED_CODECS):
+        for member in _REGISTRY_MEMBERS:
+            _deferred_originals[member] = original = CoderBase.__dict__[member]
+            setattr(CoderBase, member, _registering(original))
     return pydicom
 
 
+def _registering(original: Any) -> Any:
+    """``original`` (a CoderBase method or property) registering the deferred plugins first when
+    the coder is for a compressed (encapsulated) transfer syntax."""
+    if isinstance(original, property):
+        def get(coder):
+            if coder.UID.is_encapsulated:
+                register_pixel_plugins()
+            return original.fget(coder)
+
+        return property(get, doc=original.__doc__)
+
+    def method(coder, *args, **kwargs):
+        if coder.UID.is_encapsulated:
+            register_pixel_plugins()
+        return original(coder, *args, **kwargs)
+
+    return method
+
+
+def register_pixel_plugins() -> None:
+    """Register the pixel-data plugins whose codecs were blocked while pydicom was imported, as
+    pydicom itself registers them (same labels, same order); a no-op once done or when nothing
+    was deferred. Called by pydicom's registry itself (wrapped) when a compressed transfer syntax
+    is decoded or encoded. It works on the coders' plugin tables (``_available``,
+    ``_unavailable``: private in the pinned pydicom 3.0.2), so a test compares the registry it
+    leaves with a plain pydicom import's."""
+    if not _deferred_originals:
+        return
+    import importlib
+
+    from pydicom.pixels.common import CoderBase
+
+    for member, original in _deferred_originals.items():
+        setattr(CoderBase, member, original)
+    _deferred_originals.clear()
+    # The plugin modules and legacy handlers probed the codecs at import: probe again, in place.
+    for module in ([f"pydicom.pixels.{kind}.{label}" for kind, labels in _PLUGIN_FUNCTIONS.items() for label in labels]
+                   + [f"pydicom.pixel_data_handlers.{name}" for name in _LEGACY_HANDLERS]):
+        if module in sys.modules:
+            importlib.reload(sys.modules[module])
+    for kind, functions in _PLUGIN_FUNCTIONS.items():
+        registry = importlib.import_module(f"pydicom.pixels.{kind}.base")
+        for coder in vars(registry).values():
+            if not isinstance(coder, CoderBase):
+                continue
+            deferred = [label for label in coder._unavailable if label in functions]
+            if not deferred:
+                continue
+            for label in deferred:
+                del coder._unavailable[label]
+                coder.add_plugin(label, (f"pydicom.pixels.{kind}.{label}", functions[label]))
+            # The order is the order plugins are tried in: pydicom's tables' (PLUGIN_ORDER).
+            ranked = sorted(coder._available, key=lambda label: PLUGIN_ORDER.index(label)
+                            if label in PLUGIN_ORDER else len(PLUGIN_ORDER))
+            coder._available = {label: coder._available[label] for label in ranked}
+
+
 pydicom = _import_pydicom()
+from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.errors import InvalidDicomError  # noqa: E402
 from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
 
 from hnct.common import InputError, progress  # noqa: E402
+from hnct.structures import harmonise, normalise_name, raise_if_ambiguous  # noqa: E402,F401
 
 # SimpleITK (0.2-0.4 s to import) is imported only where labels, resampling of label masks or an
 # image object are needed: the plain CT path (hnct.convert --labels none) never loads it.
@@ -125,12 +225,12 @@ DEFER_BYTES = 16384
 SKIP_KINDS = ("non-DICOM files", "unreadable files", "DICOM files without a series UID or modality")
 
 INT16_MIN, INT16_MAX = -32768, 32767
+PIXEL_DATA_TAG = 0x7FE00010
 # Positions closer than this (mm along the normal) are "the same position".
 SAME_POSITION_MM = 1e-3
 # Header geometry tolerance: direction cosines and pixel spacing (mm).
 COSINE_TOL = 1e-4
 SPACING_TOL_MM = 1e-4
-MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".nhdr", ".mha")
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -170,6 +270,54 @@ def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     if isinstance(value, (bytes, bytearray)):
         return value.decode("ascii", "replace").strip(" \0")
     return _text(value)
+
+
+# Decoded text elements by (keyword, raw bytes, VR, SpecificCharacterSet): see _series_text.
+_TEXT_CACHE: dict[tuple[str, bytes, str | None, str], str] = {}
+TEXT_CACHE_SIZE = 4096
+
+
+def _series_text(ds: pydicom.Dataset, keyword: str) -> str:
+    """``_text(ds.get(keyword))`` for a character-set dependent text element (LO, SH, ...), decoded
+    by pydicom once per distinct raw value and character set: every file of a series repeats its
+    patient, description and scanner, and each decoding costs tens of microseconds."""
+    element = ds.get_item(keyword)
+    value = getattr(element, "value", None)
+    if not isinstance(value, (bytes, bytearray)):
+        return _text(ds.get(keyword))
+    key = (keyword, bytes(value), element.VR, _ascii(ds, "SpecificCharacterSet"))
+    if key not in _TEXT_CACHE:
+        if len(_TEXT_CACHE) >= TEXT_CACHE_SIZE:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[key] = _text(ds.get(keyword))
+    return _TEXT_CACHE[key]
+
+
+def _uint(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A single-valued US element (Rows, BitsAllocated, ...) as ``ds.get(keyword)`` gives it, read
+    from its raw little-endian bytes when pydicom has not converted it yet: each conversion costs
+    tens of microseconds, and convert reads a dozen such values of every slice."""
+    element = ds.get_item(keyword)
+    if element is None:
+        return None
+    value = element.value
+    if (isinstance(value, bytes) and len(value) == 2 and getattr(element, "is_little_endian", False)
+            and getattr(element, "VR", "US") in ("US", None)):  # VR None: implicit VR, US by the dictionary
+        return int.from_bytes(value, "little")
+    return ds.get(keyword)
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: float) -> float:
+    """A single-valued DS/IS element as a float (``default`` when absent or empty), parsed from its
+    raw text (see :func:`_ascii`); anything else (several values, bad text) through pydicom's own
+    conversion and its error."""
+    text = _ascii(ds, keyword)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        return float(ds.get(keyword))
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -298,7 +446,7 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
             skipped.append((str(path), "non-DICOM files", f"not readable as DICOM: {type(err).__name__}: {err}"))
             continue
-        n_frames = int(ds.get("NumberOfFrames") or 1)
+        n_frames = int(_number(ds, "NumberOfFrames", 1) or 1)
         multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
         frames = list(range(n_frames)) if multi else [None]
         first = _frame_geometry(ds, frames[0])
@@ -312,19 +460,19 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
         common = {
             "file": str(path),
             "sop_uid": _ascii(ds, "SOPInstanceUID"),
-            "patient_id": _text(ds.get("PatientID")),
+            "patient_id": _series_text(ds, "PatientID"),
             "study_uid": _ascii(ds, "StudyInstanceUID"),
             "series_uid": _ascii(ds, "SeriesInstanceUID"),
             "modality": _ascii(ds, "Modality").upper(),
-            "series_description": _text(ds.get("SeriesDescription")),
+            "series_description": _series_text(ds, "SeriesDescription"),
             "series_number": _ascii(ds, "SeriesNumber"),
             "image_type": _ascii(ds, "ImageType").upper(),
             "frame_of_reference_uid": _ascii(ds, "FrameOfReferenceUID"),
-            "rows": int(ds.get("Rows") or 0),
-            "cols": int(ds.get("Columns") or 0),
-            "manufacturer": _text(ds.get("Manufacturer")),
-            "model": _text(ds.get("ManufacturerModelName")),
-            "kernel": _text(ds.get("ConvolutionKernel")),
+            "rows": int(_uint(ds, "Rows") or 0),
+            "cols": int(_uint(ds, "Columns") or 0),
+            "manufacturer": _series_text(ds, "Manufacturer"),
+            "model": _series_text(ds, "ManufacturerModelName"),
+            "kernel": _series_text(ds, "ConvolutionKernel"),
             "instance_number": _ascii(ds, "InstanceNumber"),
             "gantry_tilt": (_floats(_ascii(ds, "GantryDetectorTilt")) or [None])[0],
         }
@@ -425,6 +573,15 @@ def choose_ct_series(case: str, folder: str | os.PathLike, index: "SeriesIndex |
 # ----------------------------------------------------------------------------- reading the CT
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array without NaNs, to the bit (the mean of the two middle
+    values of an even count), without the ``numpy.ma`` import (~0.02 s) that np.median's NaN
+    check makes."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle] if len(ordered) % 2 else np.mean(ordered[middle - 1:middle + 1]))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
@@ -522,7 +679,7 @@ def slice_geometry(case: str, series: dict[str, Any], *, gantry_tilt: str = "cor
     uneven = spread > max_spacing_spread
     if uneven and steps.max() > max_slice_gap_mm:
         raise _gap_error(case, uid, files, along, steps, spread, max_spacing_spread, max_slice_gap_mm)
-    spacing_z = float(slice_step_mm or (steps.min() if uneven else np.median(steps)))
+    spacing_z = float(slice_step_mm or (steps.min() if uneven else _median(steps)))
     sx, sy = float(ps0[1]), float(ps0[0])  # PixelSpacing is [between rows (y), between columns (x)]
     cols, rows = int(instances[0]["cols"]), int(instances[0]["rows"])
     summary: dict[str, Any] = {
@@ -633,8 +790,8 @@ def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
     Transformation functional group."""
     transform = _frame_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
     source = transform or ds
-    slope = float(source.get("RescaleSlope", 1) or 1)
-    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    slope = _number(source, "RescaleSlope", 1.0) or 1.0
+    intercept = _number(source, "RescaleIntercept", 0.0) or 0.0
     if slope == 1.0 and intercept.is_integer() and "ModalityLUTSequence" not in ds:
         return stored, int(intercept)
     if transform is not None:
@@ -653,24 +810,35 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
 
     Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
-    is read straight from the bytes with numpy: pydicom's decoder framework costs about 2 ms a
-    slice on top (a quarter of a 134-slice conversion). Its length is checked as pydicom checks
+    is read with numpy, straight from the file at the pixel data's offset when the index deferred
+    it (else from the bytes in memory): pydicom's decoder framework costs about 2 ms a slice on top
+    (a quarter of a 134-slice conversion), its deferred read another parse of the element. Its length is checked as pydicom checks
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
     extended for signed ones). Anything else goes through pydicom.
     """
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = int(_uint(ds, "Rows") or 0), int(_uint(ds, "Columns") or 0)
     native = (getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
               in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-              and ds.get("BitsAllocated") == 16 and int(ds.get("SamplesPerPixel") or 1) == 1
-              and int(ds.get("NumberOfFrames") or 1) == 1 and ds.get("PixelRepresentation") in (0, 1)
+              and _uint(ds, "BitsAllocated") == 16 and int(_uint(ds, "SamplesPerPixel") or 1) == 1
+              and int(_number(ds, "NumberOfFrames", 1) or 1) == 1 and _uint(ds, "PixelRepresentation") in (0, 1)
               and "PerFrameFunctionalGroupsSequence" not in ds)
-    bits_stored = int(ds.get("BitsStored") or 16)
+    bits_stored = int(_uint(ds, "BitsStored") or 16)
     if not native or not 1 <= bits_stored <= 16:
         return pixel_array(ds)
-    data = ds.PixelData
-    if len(data) != rows * cols * 2:
-        return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
-    stored = np.frombuffer(data, dtype="<i2" if ds.PixelRepresentation == 1 else "<u2").reshape(rows, cols)
+    dtype, n_bytes = ("<i2" if _uint(ds, "PixelRepresentation") == 1 else "<u2"), rows * cols * 2
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
+        # Deferred while indexing: read straight from the value's offset in the file, so the
+        # bytes are read once (pydicom's deferred read re-opens the file and parses the element again).
+        stored = np.fromfile(ds.filename, dtype=dtype, count=rows * cols, offset=element.value_tell)
+        if stored.size != rows * cols:
+            return pixel_array(ds)  # a truncated file: pydicom's own error
+        stored = stored.reshape(rows, cols)
+    else:
+        data = ds.get("PixelData")
+        if data is None or len(data) != n_bytes:
+            return pixel_array(ds)  # pydicom's own handling: its error naming the lengths, or its warning
+        stored = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
     if bits_stored < 16:
         shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
         stored = (stored << shift) >> shift
@@ -785,21 +953,11 @@ def read_ct(case: str, series: dict[str, Any], **checks: Any) -> tuple[sitk.Imag
 # ----------------------------------------------------------------------------- labels
 
 
-def normalise_name(name: str) -> str:
-    """ROI name for tolerant matching: lower case, punctuation and spaces removed."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def match_structures(structures: Sequence[str], roi_names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """structure -> {"roi": ROI name, "how": exact|case-insensitive|normalised} for the ones found."""
-    matched: dict[str, dict[str, str]] = {}
-    for structure in structures:
-        for how, key in (("exact", lambda s: s), ("case-insensitive", str.lower), ("normalised", normalise_name)):
-            hits = [roi for roi in roi_names if key(roi) == key(structure)]
-            if hits:
-                matched[structure] = {"roi": sorted(hits)[0], "how": how}
-                break
-    return matched
+def match_structures(structures: Sequence[str], roi_names: Sequence[str],
+                     structure_names: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, str]]:
+    """structure -> {"roi": ROI name, "how": exact|case-insensitive|normalised|pattern} for the ones
+    found (:func:`hnct.structures.harmonise`)."""
+    return harmonise(structures, roi_names, structure_names)["matched"]
 
 
 def _rtstruct_references(ds: pydicom.Dataset) -> tuple[set[str], set[str], set[str]]:
@@ -891,10 +1049,13 @@ def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
 
 
 def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sitk.Image,
-                       structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Paint the RTSTRUCT's contours of ``structures`` on the reference grid: uint8 (z, y, x)."""
+                       structures: Sequence[str],
+                       structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The RTSTRUCT's contours of ``structures`` on the reference grid: (C, z, y, x) uint8 0/1 channels."""
     roi_names = {str(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
-    matched = match_structures(structures, list(roi_names.values()))
+    harmonised = harmonise(structures, list(roi_names.values()), structure_names)
+    raise_if_ambiguous(case, file, harmonised)
+    matched = harmonised["matched"]
     number_of = {name: number for number, name in roi_names.items()}
     contours_of = {str(rc.ReferencedROINumber): rc.get("ContourSequence", []) for rc in ds.get("ROIContourSequence", [])}
     size = reference.GetSize()
@@ -902,9 +1063,11 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
     spacing = np.array(reference.GetSpacing())
     direction = np.array(reference.GetDirection()).reshape(3, 3)
     to_index = np.linalg.inv(direction * spacing)  # LPS mm offset -> continuous (i, j, k)
-    label = np.zeros(tuple(reversed(size)), dtype=np.uint8)
-    report: dict[str, Any] = {"matched": matched, "roi_names": sorted(roi_names.values()), "skipped_contours": {}}
-    for value, structure in enumerate(structures, start=1):
+    channels = np.zeros((len(structures),) + tuple(reversed(size)), dtype=np.uint8)
+    report: dict[str, Any] = {"matched": matched, "roi_names": sorted(roi_names.values()), "skipped_contours": {},
+                              "unmatched_rois": harmonised["unmatched"], "not_used": harmonised["not_used"],
+                              "annotated": [s for s in structures if s in matched]}
+    for channel, structure in enumerate(structures):
         if structure not in matched:
             continue
         roi = matched[structure]["roi"]
@@ -927,10 +1090,10 @@ def rasterise_rtstruct(case: str, file: str, ds: pydicom.Dataset, reference: sit
             plane = per_slice.setdefault(k_slice, np.zeros((size[1], size[0]), dtype=bool))
             plane ^= fill_polygon(ijk[:, 0], ijk[:, 1], (size[1], size[0]))  # XOR: a nested contour is a hole
         for k_slice, plane in per_slice.items():
-            label[k_slice][plane] = value
+            channels[channel, k_slice][plane] = 1
         if any(skipped.values()):
             report["skipped_contours"][structure] = skipped
-    return label, report
+    return channels, report
 
 
 def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
@@ -949,31 +1112,29 @@ def choose_label_object(usable: list[tuple[int, str, Any, dict[str, Any]]],
                       "ignored": [{"file": e.file, "reason": e.reason} for e in rejected]}
 
 
-def no_label_object(reference: "sitk.Image", modality: str, series: dict[str, Any]) -> tuple["sitk.Image", dict[str, Any]]:
-    """A case without any label object of ``modality`` (RTSTRUCT, SEG): an empty label map on the
-    reference grid and a report saying so; convert excludes the case if structures are required."""
-    import SimpleITK as sitk
-
-    image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-    image.CopyInformation(reference)
-    return image, {"file": None, "note": f"no {modality} beside CT series {series['series_uid']}",
-                   "matched": {}, "roi_names": []}
+def no_label_object(reference: "sitk.Image", modality: str, series: dict[str, Any],
+                    structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A case without any label object of ``modality`` (RTSTRUCT, SEG): all-zero channels on the
+    reference grid, no structure annotated, and a report saying so; convert excludes the case if
+    structures are required."""
+    channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    return channels, {"file": None, "note": f"no {modality} beside CT series {series['series_uid']}",
+                      "matched": {}, "roi_names": [], "unmatched_rois": [], "annotated": []}
 
 
 def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: dict[str, Any],
-                       geometry: dict[str, Any], reference: sitk.Image,
-                       structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
-    """The label map from the RTSTRUCT under the case folder that references the chosen CT.
+                       geometry: dict[str, Any], reference: sitk.Image, structures: Sequence[str],
+                       structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The structures' channels (C, z, y, x) from the RTSTRUCT under the case folder that
+    references the chosen CT, and the report.
 
     Several RTSTRUCTs: the ones whose references do not resolve are ignored (listed in the
     report) as long as one resolves; among those that resolve the one matching the most
     structures wins, then the smallest file path.
     """
-    import SimpleITK as sitk
-
     rt_rows = [r for r in as_series_index(index) if r["modality"] == "RTSTRUCT"]
     if not rt_rows:
-        return no_label_object(reference, "RTSTRUCT", series)
+        return no_label_object(reference, "RTSTRUCT", series, structures)
     usable, rejected = [], []
     for row in rt_rows:
         for file in row["files"]:
@@ -988,57 +1149,106 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
                 rejected.append(err)
                 continue
             names = [str(r.ROIName) for r in ds.get("StructureSetROISequence", [])]
-            usable.append((len(match_structures(structures, names)), file, ds, reference_note))
+            usable.append((len(match_structures(structures, names, structure_names)), file, ds, reference_note))
     file, ds, chosen = choose_label_object(usable, rejected)
-    label, report = rasterise_rtstruct(case, file, ds, reference, structures)
+    channels, report = rasterise_rtstruct(case, file, ds, reference, structures, structure_names)
     report.update(chosen)
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    return image, report
+    return channels, report
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+# Mask geometry against the CT: size exactly; spacing, origin (mm) and direction cosines within these.
+MASK_GRID_TOL = {"spacing_mm": 1e-3, "origin_mm": 1e-2, "direction": 1e-4}
 
 
-def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image,
-                          structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
-    """Label map from per-structure mask files ``<mask_dir>/<case>/<structure>.nrrd|.nii.gz``."""
+def _numbers(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
+
+
+def check_mask_grid(case: str, path: str | os.PathLike, mask: "sitk.Image", reference: "sitk.Image") -> None:
+    """InputError naming what differs when ``mask`` is not on the CT's grid (:data:`MASK_GRID_TOL`)."""
+    checks = [
+        ("size", mask.GetSize(), reference.GetSize(), 0),
+        ("spacing", mask.GetSpacing(), reference.GetSpacing(), MASK_GRID_TOL["spacing_mm"]),
+        ("origin", mask.GetOrigin(), reference.GetOrigin(), MASK_GRID_TOL["origin_mm"]),
+        ("direction", mask.GetDirection(), reference.GetDirection(), MASK_GRID_TOL["direction"]),
+    ]
+    for what, got, want, tol in checks:
+        if len(got) != len(want) or not np.allclose(got, want, atol=tol, rtol=0):
+            raise InputError(case, path, f"mask {path} is not on the CT's grid: its {what} is {_numbers(got)}, the "
+                             f"CT's {_numbers(want)} (tolerance {tol:g})")
+
+
+def read_mask(case: str, path: str | os.PathLike, reference: "sitk.Image") -> np.ndarray:
+    """A binary mask file on the CT grid as a (z, y, x) uint8 0/1 array; InputError when it cannot
+    be read, is not 3-D, is not on the CT's grid or is not binary (0 and at most one other value)."""
     import SimpleITK as sitk
 
-    folder = Path(mask_dir) / case
-    if not folder.is_dir():
-        raise InputError(case, folder, f"mask folder {folder} does not exist (convert.labels is nrrd)")
-    by_stem: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        for suffix in MASK_SUFFIXES:
-            if path.name.lower().endswith(suffix):
-                by_stem.setdefault(path.name[: -len(suffix)], path)
-    matched = match_structures(structures, list(by_stem))
-    label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
-    report: dict[str, Any] = {"folder": str(folder), "matched": {}, "resampled": []}
-    for value, structure in enumerate(structures, start=1):
-        if structure not in matched:
-            continue
-        path = by_stem[matched[structure]["roi"]]
+    try:
+        mask = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise InputError(case, path, f"cannot read mask {path}: {str(err).strip().splitlines()[-1]}") from None
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(case, path, f"mask {path} is {mask.GetDimension()}-D with "
+                         f"{mask.GetNumberOfComponentsPerPixel()} component(s), expected one 3-D binary mask")
+    check_mask_grid(case, path, mask, reference)
+    array = sitk.GetArrayViewFromImage(mask)
+    inside = array != 0
+    values = array[inside]
+    if values.size and values.min() != values.max():  # np.unique would sort every voxel (0.8 s a mask)
+        shown = np.unique(values)
+        raise InputError(case, path, f"mask {path} is not binary: values {[0] + shown[:7].tolist()}"
+                         f"{' ...' if len(shown) > 7 else ''} (expected 0 and one other value)")
+    return inside.view(np.uint8)
+
+
+def mask_folder_label_map(case: str, mask_dir: str | os.PathLike, reference: sitk.Image, structures: Sequence[str],
+                          pattern: str = "default", structure_names: Mapping[str, Sequence[str]] | None = None,
+                          annotation_table: str | os.PathLike = "",
+                          required: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """The structures' channels (C, z, y, x) from per-structure mask files (``pattern``, see
+    :func:`hnct.structures.find_masks`) and the report.
+
+    A structure is annotated when its mask file exists, unless ``annotation_table`` (HaN-Seg's
+    ``OAR_data.csv``) lists the case with a 0 for it (then its file, if any, is not used and listed
+    under ``not_annotated_by_table``). A missing case folder is bad input when ``required``
+    (``convert.labels: nrrd``), else no structure is annotated (a second label source).
+    """
+    from hnct.structures import find_masks, read_annotation_table
+
+    try:
+        folder, by_name = find_masks(case, mask_dir, pattern)
+    except InputError:
+        if required:
+            raise
+        channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+        return channels, {"folder": None, "matched": {}, "unmatched_rois": [], "annotated": []}
+    harmonised = harmonise(structures, list(by_name), structure_names)
+    raise_if_ambiguous(case, folder, harmonised)
+    table: dict[str, bool] = {}
+    if annotation_table:
         try:
-            mask = sitk.ReadImage(str(path))
-        except RuntimeError as err:
-            raise InputError(case, path, f"cannot read mask: {str(err).strip().splitlines()[-1]}") from None
-        if mask.GetDimension() != 3:
-            raise InputError(case, path, f"mask is {mask.GetDimension()}-D, expected 3-D")
-        mask = sitk.Cast(mask != 0, sitk.sitkUInt8)
-        if not _same_grid(mask, reference):
-            n_before = int(sitk.GetArrayViewFromImage(mask).sum())
-            mask = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-            if n_before and not sitk.GetArrayViewFromImage(mask).any():
-                raise InputError(case, path, "mask does not overlap the CT volume")
-            report["resampled"].append(structure)
-        label[sitk.GetArrayViewFromImage(mask) > 0] = value
-        report["matched"][structure] = {"file": str(path), "how": matched[structure]["how"]}
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    return image, report
+            table = read_annotation_table(annotation_table, structures, structure_names).get(case, {})
+        except (OSError, ValueError) as err:
+            raise InputError(case, annotation_table, f"annotation table {annotation_table}: {err}") from None
+    channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    report: dict[str, Any] = {"folder": str(folder), "matched": {}, "annotated": [],
+                              "unmatched_rois": [by_name[n].name for n in harmonised["unmatched"]],
+                              "not_used": {s: [by_name[n].name for n in names]
+                                           for s, names in harmonised["not_used"].items()},
+                              "annotation_table": str(annotation_table) if annotation_table else None,
+                              "not_annotated_by_table": [], "table_says_contoured_but_no_file": []}
+    for channel, structure in enumerate(structures):
+        hit = harmonised["matched"].get(structure)
+        if table.get(structure) is False:
+            if hit:
+                report["not_annotated_by_table"].append(structure)
+            continue
+        if hit is None:
+            if table.get(structure):
+                report["table_says_contoured_but_no_file"].append(structure)
+            continue
+        path = by_name[hit["roi"]]
+        channels[channel] = read_mask(case, path, reference)
+        report["matched"][structure] = {"file": str(path), "roi": path.name, "how": hit["how"]}
+        report["annotated"].append(structure)
+    return channels, report

@@ -7,9 +7,10 @@ FrameOfReferenceUID is the CT's. SEGs that refer elsewhere are ignored (listed i
 long as one refers to the CT; among those the one whose segments match the most ``structures``
 wins, then the smallest file path.
 
-Segment labels (SegmentLabel) match structures by :func:`hnct.dicomio.match_structures`, the rule
-RTSTRUCT ROI names follow (exact, then case-insensitive, then ignoring punctuation and spaces);
-segments carrying the matched label are combined. Each matched segment is read as a volume
+Segment labels (SegmentLabel) match structures by :func:`hnct.structures.harmonise`, the rule
+RTSTRUCT ROI names follow (exact, then case-insensitive, then ignoring punctuation and spaces, then
+the ``structure_names`` patterns; a label matching two structures excludes the case; labels
+matching none are listed in ``unmatched_rois``); segments carrying the matched label are combined. Each matched segment is read as a volume
 (highdicom ``get_volume``: frames placed by their PlanePositionSequence, in any order, frames
 left out by the writer are empty) and made binary: a BINARY segment as stored; a FRACTIONAL one
 (probability or occupancy) is inside where its value is at least 0.5 of MaximumFractionalValue.
@@ -23,8 +24,8 @@ The segment then goes onto the CT grid:
   linearly onto the CT grid (SimpleITK) and thresholded at 0.5 as above; the report lists the
   segment under ``resampled``. A segment that then has no voxel on the CT excludes the case.
 
-Label values are the position in ``structures`` + 1; where segments overlap, the later structure
-is painted over the earlier (as for RTSTRUCT). Unreadable SEGs, SEGs whose frames do not form a
+Each structure is one binary channel (C, z, y, x), so overlapping segments stay apart; the label
+map convert paints of them puts the later structure over the earlier (as for RTSTRUCT). Unreadable SEGs, SEGs whose frames do not form a
 regular volume and SEGs that do not refer to the CT raise :class:`~hnct.common.InputError`
 naming case, file and reason (the case's sidecar says excluded).
 """
@@ -32,7 +33,7 @@ naming case, file and reason (the case's sidecar says excluded).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -42,6 +43,7 @@ import SimpleITK as sitk
 
 from hnct.common import InputError
 from hnct.dicomio import as_series_index, choose_label_object, match_structures, no_label_object
+from hnct.structures import harmonise, raise_if_ambiguous
 
 log = logging.getLogger("hnct.seg")
 
@@ -119,28 +121,32 @@ def _segment_on_grid(case: str, file: str, seg: hd.seg.Segmentation, numbers: Se
         return mask, {"resampled": True}
 
 
-def rasterise_seg(case: str, file: str, seg: hd.seg.Segmentation, reference: sitk.Image,
-                  structures: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Paint the SEG's segments matching ``structures`` on the reference grid: uint8 (z, y, x)."""
+def rasterise_seg(case: str, file: str, seg: hd.seg.Segmentation, reference: sitk.Image, structures: Sequence[str],
+                  structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The SEG's segments matching ``structures`` on the reference grid: (C, z, y, x) uint8 0/1 channels."""
     labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", "")) for s in seg.SegmentSequence}
-    matched = match_structures(structures, sorted(set(labels.values())))
+    harmonised = harmonise(structures, sorted(set(labels.values())), structure_names)
+    raise_if_ambiguous(case, file, harmonised)
+    matched = harmonised["matched"]
     ct_geometry = ct_volume_geometry(reference)
-    label = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    channels = np.zeros((len(structures),) + tuple(reversed(reference.GetSize())), dtype=np.uint8)
     report: dict[str, Any] = {
         "matched": matched, "roi_names": sorted(set(labels.values())),
+        "unmatched_rois": harmonised["unmatched"], "not_used": harmonised["not_used"],
+        "annotated": [s for s in structures if s in matched],
         "segmentation_type": seg.segmentation_type.value, "threshold": f">= {FRACTION_INSIDE} of the maximum"
         if seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL else "binary as stored",
         "segments": {},
     }
-    for value, structure in enumerate(structures, start=1):
+    for channel, structure in enumerate(structures):
         if structure not in matched:
             continue
         numbers = sorted(n for n, name in labels.items() if name == matched[structure]["roi"])
         mask, placement = _segment_on_grid(case, file, seg, numbers, reference, ct_geometry)
-        label[mask] = value
+        channels[channel][mask] = 1
         report["segments"][structure] = {"segment_numbers": numbers, **placement}
     report["resampled"] = [s for s, p in report["segments"].items() if p["resampled"]]
-    return label, report
+    return channels, report
 
 
 def read_seg(case: str, file: str) -> hd.seg.Segmentation:
@@ -154,11 +160,13 @@ def read_seg(case: str, file: str) -> hd.seg.Segmentation:
 
 
 def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: dict[str, Any],
-                  reference: sitk.Image, structures: Sequence[str]) -> tuple[sitk.Image, dict[str, Any]]:
-    """The label map from the SEG under the case folder that refers to the chosen CT (module docstring)."""
+                  reference: sitk.Image, structures: Sequence[str],
+                  structure_names: Mapping[str, Sequence[str]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The structures' channels (C, z, y, x) from the SEG under the case folder that refers to the
+    chosen CT (module docstring), and the report."""
     seg_rows = [row for row in as_series_index(index) if row["modality"] == "SEG"]
     if not seg_rows:
-        return no_label_object(reference, "SEG", series)
+        return no_label_object(reference, "SEG", series, structures)
     usable, rejected = [], []
     for file in sorted(f for row in seg_rows for f in row["files"]):
         try:
@@ -168,12 +176,10 @@ def seg_label_map(case: str, index: pd.DataFrame, series: pd.Series, geometry: d
             rejected.append(err)
             continue
         names = [str(s.get("SegmentLabel", "")) for s in seg.SegmentSequence]
-        usable.append((len(match_structures(structures, names)), file, seg, reference_note))
+        usable.append((len(match_structures(structures, names, structure_names)), file, seg, reference_note))
     file, seg, chosen = choose_label_object(usable, rejected)
-    label, report = rasterise_seg(case, file, seg, reference, structures)
+    channels, report = rasterise_seg(case, file, seg, reference, structures, structure_names)
     report.update(chosen)
     log.info("case %s: SEG %s (%s), segments %s", case, file, report["segmentation_type"],
              {s: p["segment_numbers"] for s, p in report["segments"].items()})
-    image = sitk.GetImageFromArray(label)
-    image.CopyInformation(reference)
-    return image, report
+    return channels, report

@@ -257,6 +257,12 @@ def get_report_outputs():
             "results/report/crop_qa.png",
         ]
         + expand("results/report/{figure}.png", figure=FIGURES)
+        # issue 13: the ROI names no structure matched (rule tabulate_unmatched_rois, convert.smk)
+        + (
+            ["results/report/unmatched_rois.tsv"]
+            if config["convert"]["labels"] != "none"
+            else []
+        )
         + shortcuts
     )
 

@@ -1,23 +1,32 @@
-# convert{case}: the chosen CT series as int16 HU NRRD + its label map as uint8 NRRD (hnct.convert),
-# both in the case's folder results/volumes/{case}/ (empty for an excluded case); the sidecar names them.
+# convert{case}: the chosen CT series as int16 HU NRRD + its structures (one channel each) and label
+# map as uint8 NRRDs (hnct.convert), in the case's folder results/volumes/{case}/ (empty for an
+# excluded case); the sidecar names them.
 
 
+import json
 import shlex
 
 import hnct.convert  # noqa: E402  (params helper: the cohort's series_uid per case)
 
 # Only the label options of the configured label source reach the job (an unused param would
-# rerun every conversion when it changes): the structures for RTSTRUCT or mask labels, the mask
-# folder for mask labels, nothing without labels.
-_LABELS = config["convert"]["labels"]
+# rerun every conversion when it changes): the structures and their names whenever there are
+# labels, the mask folder's options for mask labels or a mask folder beside the RTSTRUCT/SEG,
+# nothing without labels.
+_CONVERT = config["convert"]
+_LABELS = _CONVERT["labels"]
 CONVERT_LABEL_ARGS = f"--labels {_LABELS}"
 if _LABELS != "none":
     CONVERT_LABEL_ARGS += (
-        f" --structures {shlex.join(config['convert']['structures'])}"
-        f" --required-structures {shlex.join(config['convert']['required_structures'])}"
+        f" --structures {shlex.join(_CONVERT['structures'])}"
+        f" --required-structures {shlex.join(_CONVERT['required_structures'])}"
+        f" --structure-names {shlex.quote(json.dumps(_CONVERT['structure_names'], sort_keys=True))}"
     )
-if _LABELS == "nrrd":
-    CONVERT_LABEL_ARGS += f" --mask-dir {shlex.quote(config['convert']['mask_dir'])}"
+if _LABELS == "nrrd" or (_LABELS != "none" and _CONVERT["mask_dir"]):
+    CONVERT_LABEL_ARGS += (
+        f" --mask-dir {shlex.quote(_CONVERT['mask_dir'])}"
+        f" --mask-pattern {shlex.quote(_CONVERT['mask_pattern'])}"
+        f" --annotation-table {shlex.quote(_CONVERT['annotation_table'])}"
+    )
 
 
 rule convert_series:
@@ -38,20 +47,48 @@ rule convert_series:
         dicom_dir=get_case_dicom_dir,
         series_uid=hnct.convert.series_uid_param(COHORT),
         upstream=get_upstream_fetch,
-        labels=CONVERT_LABEL_ARGS,
+        # A function: Snakemake would read the braces of a string (JSON, {dicom_dir}) as wildcards.
+        labels=lambda wildcards: CONVERT_LABEL_ARGS,
         gantry_tilt=config["convert"]["gantry_tilt"],
         max_tilt_deg=config["convert"]["max_tilt_deg"],
         max_spacing_spread=config["convert"]["max_spacing_spread"],
         max_slice_gap_mm=config["convert"]["max_slice_gap_mm"],
         slice_step_mm=config["convert"]["slice_step_mm"],
-        code=code_version("convert", "dicomio", "seg"),
+        code=code_version("convert", "dicomio", "seg", "structures"),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --series-uid {params.series_uid:q} --upstream {params.upstream:q}"
         " --out-dir {output.data:q} --volume {output.data:q}/volume.nrrd"
-        " --label {output.data:q}/label.nrrd --sidecar {output.sidecar:q}"
+        " --label {output.data:q}/label.nrrd --structures-file {output.data:q}/structures.nrrd"
+        " --sidecar {output.sidecar:q}"
         " {params.labels}"
         " --gantry-tilt {params.gantry_tilt} --max-tilt-deg {params.max_tilt_deg}"
         " --max-spacing-spread {params.max_spacing_spread} --max-slice-gap-mm {params.max_slice_gap_mm}"
         " --slice-step-mm {params.slice_step_mm}"
         " --log {log:q}"
+
+
+# The ROI names no case could match to a structure (hnct.roi_table): one names x cases table in the
+# report, so that nothing the label objects held is dropped silently.
+rule tabulate_unmatched_rois:
+    input:
+        sidecars=expand("results/volumes/{case}.json", case=CASES),
+    output:
+        tsv=report(
+            "results/report/unmatched_rois.tsv",
+            category="Cohort",
+            caption="../report/unmatched_rois.rst",
+        ),
+    log:
+        "logs/tabulate_unmatched_rois/all.log",
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        code=code_version("roi_table"),
+    shell:
+        "python -m hnct.roi_table --sidecars {input.sidecars:q} --out {output.tsv:q} --log {log:q}"

@@ -39,7 +39,7 @@ if SOURCE == "demo":
             plan=lookup(
                 query="dicom_dir == '{case_dir}'", cols="plan_json", within=DEMO_PLAN
             ),
-            code=code_version("demo", "cohort"),
+            code=code_version("demo", "demo_oar", "cohort"),
         shell:
             "python -m hnct.demo case --case {params.case:q} --out-root {params.out_root:q}"
             " --manifest {output.manifest:q} --plan-json {params.plan:q} --log {log:q}"
