@@ -66,7 +66,8 @@ def make_case(root: Path, case: str, label: np.ndarray, prob: np.ndarray | None)
 
 @pytest.fixture()
 def fold_dir(tmp_path, monkeypatch):
-    """Four val cases: shifted prediction, both empty, prediction empty, missing probabilities."""
+    """Five val cases: shifted prediction, both empty, prediction empty, missing probabilities, and a
+    prediction where the reference has no GTVn (a false positive on a structure-negative case)."""
     monkeypatch.chdir(tmp_path)  # paths in the tables are relative to the working dir, as in the workflow
     label = np.zeros(SHAPE, np.uint8)
     label[0:2, 0:3, 0:3] = 1                 # Larynx: must not count as truth
@@ -79,6 +80,7 @@ def fold_dir(tmp_path, monkeypatch):
         "B": make_case(tmp_path, "B", np.where(label == 1, 1, 0).astype(np.uint8), np.zeros(SHAPE)),
         "C": make_case(tmp_path, "C", label, np.full(SHAPE, 0.2)),
         "D": make_case(tmp_path, "D", label, None),
+        "E": make_case(tmp_path, "E", np.where(label == 1, 1, 0).astype(np.uint8), prob_shift),
     }
     fold_slices = tmp_path / "results" / "folds" / "segment" / "fold0_slices.tsv"
     fold_slices.parent.mkdir(parents=True)
@@ -94,7 +96,7 @@ def fold_dir(tmp_path, monkeypatch):
             "--fold-slices", str(fold_slices.relative_to(tmp_path)),
             "--out-metrics", str(out / "metrics.json"), "--out-per-case", str(out / "per_case.csv"),
             "--masks-dir", str(out / "masks"), "--slices-dir", "results/slices", "--model", "snet", "--fold", "0",
-            "--nsd-tolerance-mm", "1.0", "--threshold", "0.5"]
+            "--nsd-tolerance-mm", "1.0", "--threshold", "0.5", "--detection-iou", "0.5"]
     return tmp_path, out, argv
 
 
@@ -102,31 +104,45 @@ def test_end_to_end_metrics_masks_and_geometry(fold_dir):
     root, out, argv = fold_dir
     assert segeval_main(argv) == 0
     per_case = pd.read_csv(out / "per_case.csv").set_index("case")
-    assert list(per_case.index) == ["A", "B", "C"]
+    assert list(per_case.index) == ["A", "B", "C", "E"]
     a = per_case.loc["A"]
     assert a["dice"] == pytest.approx(2 * 36 / 96) and a["iou"] == pytest.approx(36 / 60)
     # Rigid 1-voxel shift along x (0.8 mm): HD95 0.8 mm, every surface point within the 1 mm tolerance.
     assert a["hd95_mm"] == pytest.approx(0.8) and a["nsd"] == pytest.approx(1.0)
-    assert (a["tp"], a["fp"], a["fn"], a["n_true"]) == (1, 0, 0, 1)
+    # One component each, IoU 36/60 >= 0.5: matched.
+    assert (a["tp"], a["fp"], a["fn"], a["n_true"]) == (1, 0, 0, 1) and a["detected"]
     assert a["truth_volume_mm3"] == pytest.approx(48 * 0.8 * 0.9 * 2.0)
     assert per_case.loc["B", "empty_status"] == "both_empty" and np.isnan(per_case.loc["B", "dice"])
     c = per_case.loc["C"]
-    assert c["empty_status"] == "pred_empty" and c["dice"] == 0 and c["fn"] == 1
-    assert c["hd95_mm"] == pytest.approx(segm.image_diagonal_mm(SHAPE, SPACING[::-1]))
+    assert c["empty_status"] == "pred_empty" and c["dice"] == 0 and c["fn"] == 1 and not c["detected"]
+    assert np.isnan(c["hd95_mm"]) and c["nsd"] == 0  # no finite distance, no stand-in
+    e = per_case.loc["E"]
+    assert e["empty_status"] == "truth_empty" and e["false_positive"] and e["fp"] == 1
+    assert np.isnan(e["dice"]) and np.isnan(e["hd95_mm"]) and np.isnan(e["nsd"])
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_cases"] == 3 and metrics["n_both_empty"] == 1 and metrics["n_pred_empty"] == 1
-    assert metrics["dice"]["n"] == 2 and metrics["dice"]["mean"] == pytest.approx((0.75 + 0) / 2)
+    assert metrics["n_cases"] == 4 and metrics["n_both_empty"] == 1 and metrics["n_pred_empty"] == 1
+    assert metrics["n_truth_empty"] == 1 and metrics["n_reference_present"] == 2
+    # Metrics Reloaded: Dice over the two cases with GTVn (A 0.75, C 0); E's prediction is detection only.
+    headline = metrics["summary"]
+    assert headline["dice"] == pytest.approx((0.75 + 0) / 2) and metrics["dice"]["n"] == 2
+    assert metrics["dice"]["mean"] == pytest.approx(headline["dice"])
+    assert headline["hd95_median_mm"] == pytest.approx(0.8) and headline["n_hd95_not_finite"] == 1
+    assert headline["case_sensitivity"] == pytest.approx(0.5)        # A detected, C missed
+    assert headline["fp_rate_negative"] == pytest.approx(0.5)        # E of the negatives B and E
+    assert headline["lesion_sensitivity"] == pytest.approx(0.5) and headline["lesion_precision"] == pytest.approx(0.5)
+    assert metrics["detection_iou"] == 0.5
     assert metrics["empty_mask_policy"] == segm.EMPTY_MASK_POLICY
     assert metrics["structure"] == "GTVn" and metrics["nsd_tolerance_mm"] == 1.0
     assert [e["case"] for e in metrics["excluded_cases"]] == ["D"]
     assert "probability NPZ not found" in metrics["excluded_cases"][0]["reason"]
-    assert metrics["lesions"]["fn"] == 1 and metrics["lesions"]["fp_per_scan"] == 0
+    assert metrics["lesions"]["fn"] == 1 and metrics["lesions"]["fp"] == 1
     # Pooled per-slice Dice, both ways: A has 3 labelled slices at 0.75 and 3 empty/empty slices (1.0);
-    # B has 6 empty/empty slices; C has 3 missed labelled slices (0) and 3 empty/empty ones.
+    # B has 6 empty/empty slices; C has 3 missed labelled slices (0) and 3 empty/empty ones; E has 3
+    # false-positive slices (0) and 3 empty/empty ones.
     pooled = metrics["pooled_slices"]
-    assert pooled["n_slices"] == 18 and pooled["n_labelled_slices"] == 6
-    assert pooled["snet_slice_dice"] == pytest.approx((3 * 0.75 + 3 + 6 + 3) / 18)
+    assert pooled["n_slices"] == 24 and pooled["n_labelled_slices"] == 6
+    assert pooled["snet_slice_dice"] == pytest.approx((3 * 0.75 + 3 + 6 + 3 + 3) / 24)
     assert pooled["labelled_slice_dice"] == pytest.approx(3 * 0.75 / 6)
 
     # The predicted NRRD lies exactly on the crop: same size, origin, spacing, direction; uint8 0/1.

@@ -226,3 +226,19 @@ def test_segmentation_beats_the_all_background_baseline(demo_run):
         best[model] = float(np.mean(dice))
     print(f"mean validation 3D Dice (GTVn): {best}")
     assert max(best.values()) > 0.2, best
+
+
+def test_every_interval_in_every_report_table_contains_its_value(demo_run):
+    """Issue 14: every CI in the demo's tables is printed beside the estimate it belongs to (CSV rows and
+    the Markdown/LaTeX cells), and the shortcut checks are there: per collection, image-free baselines."""
+    from test_report import assert_every_interval_contains_its_value
+
+    report_dir = demo_run / "results" / "report"
+    for name in ("metrics_summary.csv", "metrics_summary.md", "baselines.csv", "metrics_by_group.csv",
+                 "shortcuts.md"):
+        assert (report_dir / name).stat().st_size > 0, name
+    assert assert_every_interval_contains_its_value(report_dir) > 100
+    by_group = pd.read_csv(report_dir / "metrics_by_group.csv")
+    collections = set(read_tsv(demo_run / "results" / "folds" / "classify" / "folds.tsv")["collection"])
+    assert set(by_group.loc[by_group["group_by"] == "collection", "group"]) == collections
+    assert {"collection_only", "metadata_only"} <= set(pd.read_csv(report_dir / "baselines.csv")["model"])

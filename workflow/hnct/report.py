@@ -4,15 +4,19 @@ Tables (``results/report/``):
 
 ``metrics_by_fold.csv``   one row per task × model × fold: every scalar of that fold's
                           ``metrics.json`` (nested keys joined with ``.``).
-``metrics_summary.csv``   per task × model × metric: mean and SD across folds, and for
-                          classification a 95 % percentile-bootstrap CI on the pooled
-                          out-of-fold predictions (cases resampled with replacement, seeded).
-``metrics_test.csv``      classification on the held-out test set, per model × setting ×
-                          metric: ``test_ensemble`` (mean P(T4) of the fold models) and
-                          ``test_best_fold`` (the model of the fold with the best validation
-                          ROC-AUC, see hnct.evaluate), threshold 0.5, with a 95 % percentile-
-                          bootstrap CI over the test cases. No rows when there is no test set.
-``metrics_summary.md`` / ``.tex``   the CV table and, beside it, the test-set table, for papers.
+``metrics_summary.csv``   per task × model × metric: the **pooled** out-of-fold estimate (the metric on
+                          every validation prediction of every fold: classification at P(T4) >= 0.5;
+                          segmentation the Metrics Reloaded summary of every per-case row) with its
+                          95 % CI (percentile, ``report.bootstrap`` resamples, ``report.seed``) from a
+                          **patient-cluster bootstrap** stratified by class (hnct.metrics.bootstrap:
+                          a patient's scans are resampled together), and in its own columns the mean
+                          and SD of the per-fold values (``source_key`` of metrics_by_fold).
+``metrics_test.csv``      classification on the held-out test set, per model × setting × metric:
+                          ``test_ensemble`` (mean P(T4) of the fold models) and ``test_best_fold``
+                          (see hnct.evaluate), threshold 0.5, the value with its patient-cluster
+                          bootstrap CI over the test patients. No rows when there is no test set.
+``metrics_summary.md`` / ``.tex``   the CV tables (pooled [CI] column group, then fold mean ± SD) and,
+                          beside them, the test-set table, for papers.
 ``comparison_published.csv`` / ``.md``   this run beside the published LaryngealCT numbers
                           (``workflow/report/published_laryngealct.tsv``, with its sources), by
                           evaluation kind: ``cv`` (mean over validation folds; published: mean of
@@ -38,7 +42,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from hnct.common import atomic_path, read_image, read_json, setup_logging
+from hnct.common import InputError, atomic_path, read_image, read_json, setup_logging
+from hnct.metrics.bootstrap import bootstrap_intervals
 from hnct.tasks import add_plugins_argument, get_task, load_plugins
 
 log = logging.getLogger("hnct.report")
@@ -53,17 +58,38 @@ CLASSIFY_COLUMNS = {
     "specificity": "Spec.",
     "mcc": "MCC",
 }
+# Segmentation after Metrics Reloaded (hnct.metrics.segmentation.summarise_cases): quality over the
+# cases whose reference holds the structure, and detection in its own table.
 SEGMENT_COLUMNS = {
     "dice": "Dice",
     "iou": "IoU",
-    "hd95_mm": "HD95 (mm)",
     "nsd": "NSD",
-    "snet_slice_dice": "slice Dice (S-Net)",
+    "hd95_median_mm": "HD95 median (mm)",
+    "n_hd95_not_finite": "no finite HD95 (cases)",
+    "snet_slice_dice": "slice Dice (S-Net, every slice)",
 }
-# A task's report_kind (hnct.tasks) picks its columns, its pooled CIs and its figures.
-KIND_COLUMNS = {"classification": CLASSIFY_COLUMNS, "segmentation": SEGMENT_COLUMNS}
+DETECTION_COLUMNS = {
+    "case_sensitivity": "case sens.",
+    "fp_rate_negative": "FP rate (no structure)",
+    "lesion_sensitivity": "lesion sens.",
+    "lesion_precision": "lesion prec.",
+}
+# A task's report_kind (hnct.tasks) picks its tables (title suffix, columns), its pooled CIs and figures.
+KIND_TABLES = {
+    "classification": [("", CLASSIFY_COLUMNS)],
+    "segmentation": [(", segmentation (Dice, IoU, NSD: cases with the structure; HD95: both masks present)",
+                      SEGMENT_COLUMNS),
+                     (", detection (components matched at IoU >= evaluate.detection_iou)", DETECTION_COLUMNS)],
+}
+KIND_COLUMNS = {kind: {k: v for _, columns in tables for k, v in columns.items()}
+                for kind, tables in KIND_TABLES.items()}
+# Counts of cases: printed without decimals (pooled) and with one (the mean over folds).
+COUNT_METRICS = {"n_hd95_not_finite"}
 CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
 METRIC_TITLES = {"inner_auc": "AUC", "inner_dice": "Dice"}
+CELL_NOTE = ("pooled: the estimate on every out-of-fold prediction [its 95 % CI, patient-cluster bootstrap "
+             "stratified by class]; folds: mean ± SD across the validation folds")
 
 
 def report_kind(task: str) -> str:
@@ -106,88 +132,138 @@ def headline_key(columns: Iterable[str], metric: str) -> str | None:
     """The metrics.json key that holds ``metric`` at the default operating point.
 
     The evaluate stage nests threshold-dependent metrics (``at_0.5.f1_macro``); a
-    threshold-free metric (``auc``) may sit at the top level. Prefer the top level, then
-    the 0.5 threshold, then a per-case mean (segmentation: ``mean.dice``).
+    threshold-free metric (``auc``) may sit at the top level; segmentation's headline numbers sit
+    under ``summary`` (hnct.segeval). Prefer the top level, then the 0.5 threshold, then ``summary``.
     """
     columns = list(columns)
-    for candidate in (metric, f"at_0.5.{metric}", f"threshold_0.5.{metric}", f"mean.{metric}", f"{metric}.mean"):
+    for candidate in (metric, f"at_0.5.{metric}", f"threshold_0.5.{metric}", f"summary.{metric}"):
         if candidate in columns:
             return candidate
     matches = [c for c in columns if c.split(".")[-1] == metric]
     return sorted(matches, key=len)[0] if matches else None
 
 
-def summary_table(by_fold: pd.DataFrame, pooled: dict[tuple[str, str], pd.DataFrame] | None = None,
-                  n_bootstrap: int = 1000, seed: int = 7) -> pd.DataFrame:
-    """Mean ± SD across folds per task × model × headline metric, plus pooled bootstrap CIs."""
-    rows = []
-    for (task, model), group in by_fold.groupby(["task", "model"], sort=True):
-        wanted = KIND_COLUMNS[report_kind(task)]
-        cis = {}
-        if report_kind(task) == CLASSIFICATION and pooled and (task, model) in pooled:
-            cis = bootstrap_ci(pooled[(task, model)], n_bootstrap=n_bootstrap, seed=seed)
-        for metric in wanted:
-            key = headline_key(group.columns, metric)
-            if key is None:
-                continue
-            values = group[key].astype(float)
-            finite = values[np.isfinite(values)]
-            low, high, pooled_value = cis.get(metric, (math.nan, math.nan, math.nan))
-            rows.append({
-                "task": task, "model": model, "metric": metric, "source_key": key,
-                "n_folds": int(len(values)), "n_folds_finite": int(len(finite)),
-                "mean": float(finite.mean()) if len(finite) else math.nan,
-                "sd": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
-                "pooled": pooled_value, "ci_low": low, "ci_high": high,
-            })
-    return pd.DataFrame(rows, columns=["task", "model", "metric", "source_key", "n_folds", "n_folds_finite",
-                                       "mean", "sd", "pooled", "ci_low", "ci_high"])
+def read_folds(folds_files: Iterable[str | Path]) -> dict[str, pd.DataFrame]:
+    """Each task's ``results/folds/{task}/folds.tsv`` (case, patient, collection, label, fold), by task."""
+    tables = {}
+    for path in folds_files:
+        path = Path(path)
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        missing = {"case", "patient"} - set(table.columns)
+        if missing:
+            raise InputError(f"folds of {path.parent.name}", path, f"missing columns {sorted(missing)}")
+        tables[path.parent.name] = table.assign(source=str(path))
+    return tables
+
+
+def with_patients(rows: pd.DataFrame, task: str, folds: dict[str, pd.DataFrame] | None) -> pd.DataFrame:
+    """``rows`` (a ``case`` column) with each case's ``patient`` (and ``collection``) from the task's folds.
+
+    Without any folds table (a call from Python without one) every scan is its own patient, and the
+    log says so; with one, a case it does not list is an error naming the case and the table.
+    """
+    rows = rows.assign(case=rows["case"].astype(str))
+    if folds is None:
+        log.warning("%s: no folds table given: each scan is resampled as its own patient", task)
+        return rows.assign(patient=rows["case"], collection="")
+    if task not in folds:
+        raise InputError(task, "results/folds/{task}/folds.tsv", "no folds table for this task")
+    table = folds[task].drop_duplicates("case").set_index("case")
+    unknown = sorted(set(rows["case"]) - set(table.index))
+    if unknown:
+        raise InputError(unknown[0], table["source"].iloc[0],
+                         f"{len(unknown)} predicted case(s) are not in the folds table, e.g. {unknown[:3]}")
+    extra = [c for c in ("patient", "collection") if c in table.columns]
+    return rows.drop(columns=[c for c in extra if c in rows.columns]).join(table[extra], on="case")
 
 
 # ---------------------------------------------------------------------------------------------
-# Classification: pooled out-of-fold predictions
+# Pooled estimates and their patient-level intervals
 
 
-def pooled_metrics(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """The headline classification metrics at threshold 0.5, from hnct.metrics.classification."""
+def pooled_metrics(labels: np.ndarray, probability: np.ndarray, checked: bool = False) -> dict[str, float]:
+    """The headline classification metrics at threshold 0.5, from hnct.metrics.classification
+    (``checked``: the arrays already passed its ``check_inputs``)."""
     from hnct.metrics.classification import classification_metrics
 
-    result = classification_metrics(labels.astype(int), probability.astype(float), threshold=0.5)
+    result = classification_metrics(labels, probability, threshold=0.5, checked=checked)
     return {metric: float(result.get(metric, math.nan)) for metric in CLASSIFY_COLUMNS}
+
+
+def classification_intervals(predictions: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, dict]:
+    """Pooled headline metrics of ``label, probability, patient`` rows and their patient-level CIs."""
+    from hnct.metrics.classification import check_inputs
+
+    labels, probability = check_inputs(predictions["label"].to_numpy(), predictions["probability"].to_numpy(float))
+    return bootstrap_intervals(lambda index: pooled_metrics(labels[index], probability[index], checked=True),
+                               predictions["patient"].to_numpy(), labels, n_bootstrap, seed)
+
+
+def segmentation_intervals(per_case: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, dict]:
+    """Pooled Metrics Reloaded summary of per-case rows (with ``patient``) and patient-level CIs,
+    stratified by whether the reference holds the structure."""
+    from hnct.metrics.segmentation_summary import case_arrays, summarise_arrays
+
+    arrays = case_arrays(per_case)
+    return bootstrap_intervals(lambda index: summarise_arrays(arrays, index), per_case["patient"].to_numpy(),
+                               arrays["present"].astype(int), n_bootstrap, seed)
 
 
 def bootstrap_ci(predictions: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 7,
                  alpha: float = 0.05) -> dict[str, tuple[float, float, float]]:
-    """95 % percentile bootstrap CI of each headline metric on pooled predictions.
+    """``metric: (ci_low, ci_high, pooled)`` of classification predictions (``patient`` optional:
+    without it every row is its own patient)."""
+    if "patient" not in predictions:
+        predictions = predictions.assign(patient=predictions["case"] if "case" in predictions
+                                         else np.arange(len(predictions)))
+    found = classification_intervals(predictions, n_bootstrap, seed)
+    return {m: (v["ci_low"], v["ci_high"], v["estimate"]) for m, v in found.items()}
 
-    Cases are resampled with replacement; a resample with a single class gives NaN for the
-    metrics that need both and is left out of that metric's percentiles.
+
+SUMMARY_COLUMNS = ["task", "model", "metric", "n_cases", "n_patients", "pooled", "ci_low", "ci_high",
+                   "n_resamples", "source_key", "n_folds", "n_folds_finite", "mean", "sd"]
+
+
+def summary_table(by_fold: pd.DataFrame, pooled: dict[tuple[str, str], pd.DataFrame] | None = None,
+                  n_bootstrap: int = 1000, seed: int = 7) -> pd.DataFrame:
+    """Per task × model × headline metric: the pooled out-of-fold estimate with its patient-level
+    bootstrap CI, and the mean ± SD of the per-fold values (``source_key`` of metrics_by_fold).
+
+    ``pooled``: (task, model) -> the pooled rows with ``patient`` (classification: predictions;
+    segmentation: per-case metrics).
     """
-    labels = predictions["label"].to_numpy(int)
-    probability = predictions["probability"].to_numpy(float)
-    point = pooled_metrics(labels, probability)
-    rng = np.random.default_rng(seed)
-    draws = {metric: [] for metric in CLASSIFY_COLUMNS}
-    n = len(labels)
-    for _ in range(n_bootstrap):
-        index = rng.integers(0, n, size=n)
-        with np.errstate(all="ignore"):
-            values = pooled_metrics(labels[index], probability[index])
-        for metric, value in values.items():
-            if np.isfinite(value):
-                draws[metric].append(value)
-    out = {}
-    for metric, values in draws.items():
-        if values:
-            low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-            out[metric] = (float(low), float(high), point[metric])
-        else:
-            out[metric] = (math.nan, math.nan, point[metric])
-    return out
+    rows = []
+    for (task, model), group in by_fold.groupby(["task", "model"], sort=True):
+        kind = report_kind(task)
+        if kind not in KIND_COLUMNS:
+            log.info("%s: report kind %r has no summary table here", task, kind)
+            continue
+        frame = (pooled or {}).get((task, model))
+        intervals = {}
+        if frame is not None and not frame.empty:
+            compute = classification_intervals if kind == CLASSIFICATION else segmentation_intervals
+            intervals = compute(frame, n_bootstrap, seed)
+        for metric in KIND_COLUMNS[kind]:
+            key = headline_key(group.columns, metric)
+            values = group[key].astype(float) if key else pd.Series(dtype=float)
+            finite = values[np.isfinite(values)]
+            found = intervals.get(metric, {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                                           "n_resamples": 0})
+            rows.append({
+                "task": task, "model": model, "metric": metric,
+                "n_cases": int(len(frame)) if frame is not None else 0,
+                "n_patients": int(frame["patient"].nunique()) if frame is not None and len(frame) else 0,
+                "pooled": found["estimate"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
+                "n_resamples": found["n_resamples"], "source_key": key or "",
+                "n_folds": int(len(values)), "n_folds_finite": int(len(finite)),
+                "mean": float(finite.mean()) if len(finite) else math.nan,
+                "sd": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
+            })
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def read_predictions(files: Iterable[str | Path]) -> pd.DataFrame:
-    frames = [pd.read_csv(f) for f in files]
+    frames = [pd.read_csv(f, dtype={"case": str}) for f in files]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return pd.DataFrame(columns=["case", "label", "probability", "fold"])
@@ -195,7 +271,7 @@ def read_predictions(files: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def group_prediction_files(files: Iterable[str | Path]) -> dict[tuple[str, str], list[Path]]:
-    """Map (task, model) to its fold files, from ``results/train/{task}/{model}/fold{k}/...`` paths."""
+    """Map (task, model) to its fold files, from ``results/{stage}/{task}/{model}/fold{k}/...`` paths."""
     grouped: dict[tuple[str, str], list[Path]] = {}
     for f in files:
         path = Path(f)
@@ -208,25 +284,40 @@ def group_prediction_files(files: Iterable[str | Path]) -> dict[tuple[str, str],
 # Writing tables
 
 
-def format_cell(row: pd.Series, digits: int = 3) -> str:
-    if not np.isfinite(row["mean"]):
+def interval_cell(estimate: float, low: float, high: float, digits: int = 3) -> str:
+    """``estimate [low, high]``: the interval printed beside the very number it belongs to."""
+    if not np.isfinite(estimate):
         return "n/a"
-    text = f"{row['mean']:.{digits}f}"
-    if np.isfinite(row["sd"]):
-        text += f" ± {row['sd']:.{digits}f}"
-    if np.isfinite(row.get("ci_low", math.nan)):
-        text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+    text = f"{estimate:.{digits}f}"
+    if np.isfinite(low) and np.isfinite(high):
+        text += f" [{low:.{digits}f}, {high:.{digits}f}]"
     return text
 
 
-def paper_table(summary: pd.DataFrame, task: str) -> pd.DataFrame:
-    names = KIND_COLUMNS[report_kind(task)]
-    part = summary[summary["task"] == task]
+def spread_cell(mean: float, sd: float, digits: int = 3) -> str:
+    """``mean ± SD`` across folds (no interval: it is not the pooled estimate)."""
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if np.isfinite(sd) else "")
+
+
+def paper_table(summary: pd.DataFrame, task: str, columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Model rows; one column group of pooled estimates with their CIs, then one of fold mean ± SD."""
+    names = columns or KIND_COLUMNS[report_kind(task)]
+    part = summary[(summary["task"] == task) & summary["metric"].isin(list(names))]
     if part.empty:
         return pd.DataFrame()
-    part = part.assign(cell=part.apply(format_cell, axis=1))
-    table = part.pivot(index="model", columns="metric", values="cell")
-    table = table[[m for m in names if m in table.columns]].rename(columns=names)
+    counts = part["metric"].isin(COUNT_METRICS).to_numpy()
+    part = part.assign(
+        pooled_cell=[interval_cell(*v, digits=0 if count else 3)
+                     for v, count in zip(part[["pooled", "ci_low", "ci_high"]].to_numpy(float), counts)],
+        fold_cell=[spread_cell(*v, digits=1 if count else 3)
+                   for v, count in zip(part[["mean", "sd"]].to_numpy(float), counts)])
+    order = [m for m in names if m in set(part["metric"])]
+    pooled = part.pivot(index="model", columns="metric", values="pooled_cell")[order]
+    folds = part.pivot(index="model", columns="metric", values="fold_cell")[order]
+    table = pd.concat([pooled.rename(columns=lambda m: f"{names[m]} (pooled)"),
+                       folds.rename(columns=lambda m: f"{names[m]} (folds)")], axis=1)
     table.index.name = "model"
     return table
 
@@ -234,7 +325,7 @@ def paper_table(summary: pd.DataFrame, task: str) -> pd.DataFrame:
 def markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "_no results_\n"
-    header = ["model"] + list(table.columns)
+    header = [table.index.name or ""] + list(table.columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, row in table.iterrows():
         lines.append("| " + " | ".join([str(model)] + [str(v) for v in row.tolist()]) + " |")
@@ -247,7 +338,8 @@ def latex(table: pd.DataFrame, caption: str) -> str:
     cols = "l" + "c" * len(table.columns)
     esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")  # noqa: E731
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}", rf"\begin{{tabular}}{{{cols}}}",
-             r"\hline", " & ".join(["Model"] + [esc(c) for c in table.columns]) + r" \\", r"\hline"]
+             r"\hline", " & ".join([esc(table.index.name or "")] + [esc(c) for c in table.columns]) + r" \\",
+             r"\hline"]
     for model, row in table.iterrows():
         lines.append(" & ".join([esc(model)] + [esc(v) for v in row.tolist()]) + r" \\")
     lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
@@ -302,15 +394,18 @@ def comparison_with_published(summary: pd.DataFrame, published_tsv: str | Path,
 # Held-out test set (hnct.evaluate ensemble: results/evaluate/classify/{model}/test_ensemble/)
 
 TEST_SETTINGS = ("test_ensemble", "test_best_fold")
-TEST_COLUMNS = ["task", "model", "setting", "fold", "n_cases", "n_positive", "metric", "value", "ci_low", "ci_high"]
+TEST_COLUMNS = ["task", "model", "setting", "fold", "n_cases", "n_positive", "n_patients", "metric", "value",
+                "ci_low", "ci_high"]
 
 
-def test_table(test_metric_files: Iterable[str | Path], n_bootstrap: int = 1000, seed: int = 7) -> pd.DataFrame:
+def test_table(test_metric_files: Iterable[str | Path], n_bootstrap: int = 1000, seed: int = 7,
+               folds: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """One row per model × setting × headline metric of the test set; none for a run without test set.
 
-    The value is read from the ensemble's ``metrics.json`` (the ensemble's own keys, or its
-    ``best_fold`` block); the CI is a percentile bootstrap over the test cases of ``predictions.csv``
-    beside it (column ``probability`` for the ensemble, ``prob_fold{k}`` for the best fold).
+    ``value`` is the metric on the test predictions (``predictions.csv`` beside the ensemble's
+    ``metrics.json``: column ``probability`` for the ensemble, ``prob_fold{k}`` for the best fold,
+    the same numbers as the ensemble's metrics.json) and ``ci_*`` its patient-level bootstrap CI
+    (test patients from the task's folds table).
     """
     rows = []
     for path in test_metric_files:
@@ -319,20 +414,18 @@ def test_table(test_metric_files: Iterable[str | Path], n_bootstrap: int = 1000,
             log.info("%s: no test set (%s): no test rows for %s", path, payload.get("reason", ""), payload.get("model"))
             continue
         predictions = pd.read_csv(Path(path).with_name("predictions.csv"), dtype={"case": str})
+        predictions = with_patients(predictions, payload["task"], folds)
         best = payload["best_fold"]
         for setting, block, fold, column in (
                 ("test_ensemble", payload, "+".join(str(k) for k in payload["folds"]), "probability"),
                 ("test_best_fold", best, str(best["fold"]), f"prob_fold{best['fold']}")):
-            flat = flatten(block)
-            cis = bootstrap_ci(predictions.assign(probability=predictions[column]), n_bootstrap=n_bootstrap,
-                               seed=seed)
+            found = classification_intervals(predictions.assign(probability=predictions[column]), n_bootstrap, seed)
             for metric in CLASSIFY_COLUMNS:
-                key = headline_key(flat, metric)
-                low, high, _ = cis.get(metric, (math.nan, math.nan, math.nan))
                 rows.append({"task": payload["task"], "model": payload["model"], "setting": setting, "fold": fold,
                              "n_cases": int(block["n_cases"]), "n_positive": int(block["n_positive"]),
-                             "metric": metric, "value": flat[key] if key else math.nan,
-                             "ci_low": low, "ci_high": high})
+                             "n_patients": int(predictions["patient"].nunique()), "metric": metric,
+                             "value": found[metric]["estimate"], "ci_low": found[metric]["ci_low"],
+                             "ci_high": found[metric]["ci_high"]})
     return pd.DataFrame(rows, columns=TEST_COLUMNS)
 
 
@@ -340,14 +433,13 @@ def test_paper_table(tests: pd.DataFrame) -> pd.DataFrame:
     """Model × setting rows ("resnet18, 5-fold ensemble"), the headline metrics as columns."""
     if tests.empty:
         return pd.DataFrame()
+
     def label(row):
         if row["setting"] == "test_ensemble":
             return f"{row['model']}, {len(row['fold'].split('+'))}-fold ensemble"
         return f"{row['model']}, best fold ({row['fold']})"
-    cells = tests.assign(
-        row=tests.apply(label, axis=1),
-        cell=tests.apply(lambda r: format_cell({"mean": r["value"], "sd": math.nan, "ci_low": r["ci_low"],
-                                                "ci_high": r["ci_high"]}), axis=1))
+    cells = tests.assign(row=tests.apply(label, axis=1),
+                         cell=[interval_cell(*v) for v in tests[["value", "ci_low", "ci_high"]].to_numpy(float)])
     table = cells.pivot(index="row", columns="metric", values="cell")
     table = table[[m for m in CLASSIFY_COLUMNS if m in table.columns]].rename(columns=CLASSIFY_COLUMNS)
     table.index.name = "model"
@@ -372,21 +464,36 @@ FIGURE_FILES = {
 }
 
 
+def pooled_rows(prediction_files: list[str], per_case_files: list[str],
+                folds: dict[str, pd.DataFrame] | None) -> dict[tuple[str, str], pd.DataFrame]:
+    """(task, model) -> its out-of-fold rows with patients: classification predictions, segmentation
+    per-case metrics."""
+    pooled = {}
+    for files, kind in ((prediction_files, CLASSIFICATION), (per_case_files, SEGMENTATION)):
+        for key, group in group_prediction_files(files).items():
+            if report_kind(key[0]) == kind:
+                pooled[key] = with_patients(read_predictions(group), key[0], folds)
+    return pooled
+
+
 def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: str | Path,
                  published_tsv: str | Path, n_bootstrap: int, seed: int,
                  outputs: dict[str, str | Path] | None = None,
-                 test_metric_files: list[str] | None = None) -> None:
+                 test_metric_files: list[str] | None = None, folds_files: list[str] | None = None,
+                 per_case_files: list[str] | None = None) -> None:
     """Write the tables into ``out_dir`` under their standard names, or to ``outputs`` paths.
 
-    ``test_metric_files``: the test-set ensembles' ``metrics.json`` (with ``predictions.csv`` beside).
+    ``test_metric_files``: the test-set ensembles' ``metrics.json`` (with ``predictions.csv`` beside);
+    ``folds_files``: ``results/folds/{task}/folds.tsv`` (the patient of every case, for the
+    bootstrap); ``per_case_files``: the segmentation tasks' per-case metrics.
     """
     out = {key: Path(out_dir) / name for key, name in TABLE_FILES.items()}
     out.update({key: Path(path) for key, path in (outputs or {}).items()})
+    folds = read_folds(folds_files) if folds_files else None
     by_fold = metrics_by_fold(metric_files)
-    pooled = {key: read_predictions(files) for key, files in group_prediction_files(prediction_files).items()
-              if report_kind(key[0]) == CLASSIFICATION}
+    pooled = pooled_rows(prediction_files, per_case_files or [], folds)
     summary = summary_table(by_fold, pooled, n_bootstrap=n_bootstrap, seed=seed)
-    tests = test_table(test_metric_files or [], n_bootstrap=n_bootstrap, seed=seed)
+    tests = test_table(test_metric_files or [], n_bootstrap=n_bootstrap, seed=seed, folds=folds)
     if test_metric_files and tests.empty:
         log.info("no test set in this run: the test-set table has no rows")
     _write_csv(by_fold, out["by_fold"])
@@ -394,18 +501,18 @@ def write_tables(metric_files: list[str], prediction_files: list[str], out_dir: 
     _write_csv(tests, out["test"])
     md, tex = [], []
     for task in sorted(set(summary["task"]) | set(tests["task"])):
-        title = f"{get_task(task).report_title} (validation folds)"
-        table = paper_table(summary, task)
-        if not table.empty:
-            md.append(f"### {title}\n\nmean ± SD across folds [95 % bootstrap CI, pooled out-of-fold]\n\n"
-                      + markdown(table))
-            tex.append(latex(table, title))
+        for suffix, columns in KIND_TABLES.get(report_kind(task), []):
+            title = f"{get_task(task).report_title}{suffix} (validation folds)"
+            table = paper_table(summary, task, columns)
+            if not table.empty:
+                md.append(f"### {title}\n\n{CELL_NOTE}\n\n" + markdown(table))
+                tex.append(latex(table, f"{title}. {CELL_NOTE}."))
         task_tests = tests[tests["task"] == task]
         if not task_tests.empty:  # the test set beside the task's CV table
             title = f"{get_task(task).report_title} (held-out test set)"
             table = test_paper_table(task_tests)
-            md.append(f"### {title}\n\nthreshold 0.5 [95 % bootstrap CI over test cases]; best fold: highest "
-                      "validation AUC\n\n" + markdown(table))
+            md.append(f"### {title}\n\nthreshold 0.5 [95 % CI, patient-cluster bootstrap over the test "
+                      "patients]; best fold: highest validation AUC\n\n" + markdown(table))
             tex.append(latex(table, title))
     _write_text("\n".join(md) or "_no results_\n", out["markdown"])
     _write_text("\n".join(tex) or "% no results\n", out["latex"])
@@ -597,7 +704,10 @@ def plot_segmentation_boxes(per_case_files: list[str], png: str | Path, style: d
     if frames:
         data = pd.concat(frames, ignore_index=True)
         models = sorted(data["model"].unique())
-        for ax, metric, label in ((axes[0], "dice", "Dice per case"), (axes[1], "hd95_mm", "HD95 per case (mm)")):
+        # Dice is empty (NaN) where the reference lacks the structure, HD95 where a mask is empty: dropped
+        # below, so the boxes are Metrics Reloaded's sets (no stand-in distance exists to draw).
+        for ax, metric, label in ((axes[0], "dice", "Dice per case (structure present)"),
+                                  (axes[1], "hd95_mm", "HD95 per case (mm, both masks present)")):
             if metric not in data:
                 ax.set_title(f"{label}: not reported")
                 continue
@@ -688,13 +798,17 @@ def main(argv: list[str] | None = None) -> int:
     tables.add_argument("--predictions", nargs="*", default=[])
     tables.add_argument("--test-metrics", nargs="*", default=[],
                         help="results/evaluate/{task}/{model}/test_ensemble/metrics.json")
+    tables.add_argument("--folds", nargs="*", default=[],
+                        help="results/folds/{task}/folds.tsv: every case's patient, for the patient-level bootstrap")
+    tables.add_argument("--per-case", nargs="*", default=[],
+                        help="results/evaluate/{task}/{model}/fold{k}/per_case.csv of the segmentation tasks")
     add_plugins_argument(tables)
     tables.add_argument("--published", required=True)
     tables.add_argument("--out-dir", default="results/report", help="standard names here, unless --out-<table> is given")
     for key in TABLE_FILES:
         tables.add_argument(f"--out-{key.replace('_', '-')}", dest=f"out_{key}", default=None)
-    tables.add_argument("--bootstrap", type=int, default=1000)
-    tables.add_argument("--seed", type=int, default=7)
+    tables.add_argument("--bootstrap", type=int, required=True, help="report.bootstrap")
+    tables.add_argument("--seed", type=int, required=True, help="report.seed")
 
     figures = sub.add_parser("figures", help="ROC/PR, confusion, calibration, training curves, seg box plots")
     figures.add_argument("--predictions", nargs="*", default=[],
@@ -729,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tables":
         outputs = {key: getattr(args, f"out_{key}") for key in TABLE_FILES if getattr(args, f"out_{key}")}
         write_tables(args.metrics, args.predictions, args.out_dir, args.published, args.bootstrap, args.seed, outputs,
-                     test_metric_files=args.test_metrics)
+                     test_metric_files=args.test_metrics, folds_files=args.folds, per_case_files=args.per_case)
     elif args.command == "figures":
         out = {key: getattr(args, f"out_{key}") or Path(args.out_dir) / name for key, name in FIGURE_FILES.items()}
         plot_roc_pr(args.predictions, out["roc_pr"], style)

@@ -13,14 +13,19 @@ Outputs:
 
 * ``masks/{case}.nrrd``: the predicted mask, uint8 0/1, written with SimpleITK in exactly the
   source image's geometry (size, origin, spacing, direction, LPS), so it overlays the CT in 3D Slicer.
-* ``per_case.csv``: one row per case: Dice, IoU, HD95 (mm), NSD, lesion counts, per-slice Dice
-  both ways, the empty-mask status (see :mod:`hnct.metrics.segmentation` for every definition).
-* ``metrics.json``: means/medians over cases, counts, the empty-mask policy text, the S-Net
+* ``per_case.csv``: one row per case: Dice, IoU, HD95 (mm), NSD, component matches at IoU >=
+  ``--detection-iou``, per-slice Dice both ways, the empty-mask status (see
+  :mod:`hnct.metrics.segmentation` for every definition, after Metrics Reloaded).
+* ``metrics.json``: the headline numbers (Dice, IoU, NSD over reference-present cases, median HD95
+  and the cases without a finite one, per-case sensitivity, false-positive rate on
+  structure-negative cases, lesion-wise sensitivity and precision), counts, the distributions,
+  the empty-mask policy text, the S-Net
   per-slice Dice pooled over all slices of the fold (both ways), lesion-wise totals, and the cases
   that could not be scored (with the file and reason).
 
 CLI: ``python -m hnct.segeval --predictions ... --fold-slices ... --slices-dir results/slices
---out-metrics ... --out-per-case ... --masks-dir ... --model M --fold K --nsd-tolerance-mm 2 --threshold 0.5``
+--out-metrics ... --out-per-case ... --masks-dir ... --model M --fold K --nsd-tolerance-mm 2 --threshold 0.5
+--detection-iou 0.1``
 (``python -m hnct.evaluate --task segment ...`` forwards here).
 """
 
@@ -47,7 +52,8 @@ log = logging.getLogger(__name__)
 
 PER_CASE_COLUMNS = [
     "case", "fold", "model", "structure", "empty_status", "dice", "iou", "hd95_mm", "nsd", "nsd_tolerance_mm",
-    "n_true", "n_pred", "tp", "fp", "fn", "n_true_detected", "pred_volume_mm3", "truth_volume_mm3",
+    "n_true", "n_pred", "tp", "fp", "fn", "detected", "false_positive", "detection_iou", "pred_volume_mm3",
+    "truth_volume_mm3",
     "n_slices", "n_labelled_slices", "snet_slice_dice", "labelled_slice_dice", "mask",
 ]
 
@@ -135,8 +141,9 @@ def write_mask(pred: np.ndarray, reference: sitk.Image, path: str | Path) -> Pat
 
 def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metrics: str | Path,
                      out_per_case: str | Path, masks_dir: str | Path, model: str, fold: int,
-                     slices_dir: str | Path, nsd_tolerance_mm: float = 2.0, threshold: float = 0.5,
-                     structure: str | None = None, task: str = Segment.name) -> dict[str, Any]:
+                     slices_dir: str | Path, nsd_tolerance_mm: float, threshold: float,
+                     detection_iou: float, structure: str | None = None,
+                     task: str = Segment.name) -> dict[str, Any]:
     """Score every validation case of one fold; write masks, per_case.csv and metrics.json."""
     pred_table = pd.read_csv(predictions)
     missing = {"case", "slice", "prob_npz"} - set(pred_table.columns)
@@ -170,7 +177,8 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
         pred, truth = loaded["pred"], loaded["truth"]
         structures.add(loaded["structure"])
         mask_path = write_mask(pred, loaded["image"], masks_dir / f"{case}.nrrd")
-        metrics = segm.case_metrics(pred, truth, loaded["spacing_zyx"], tolerance_mm=nsd_tolerance_mm)
+        metrics = segm.case_metrics(pred, truth, loaded["spacing_zyx"], tolerance_mm=nsd_tolerance_mm,
+                                    iou_threshold=detection_iou)
         # Per-slice Dice over the slices that were predicted (all of them in the normal case).
         scored = loaded["scored_slices"]
         per_slice = segm.slice_dices(pred[scored], truth[scored])
@@ -194,6 +202,7 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
         "structure": sorted(structures)[0] if len(structures) == 1 else sorted(structures),
         "threshold": float(threshold),
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "detection_iou": float(detection_iou),
         **summary,
         "pooled_slices": {
             "n_slices": int(all_slices.size),
@@ -209,8 +218,9 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
         "versions": software_versions(),
     }
     write_json(out_metrics, json_safe(payload))
-    log.info("segment %s fold %s: %d cases, mean Dice %s (n=%s), %d both empty, %d excluded", model, fold,
-             len(rows), summary["dice"]["mean"], summary["dice"]["n"], summary["n_both_empty"], len(excluded))
+    log.info("segment %s fold %s: %d cases, mean Dice %s over %d with the structure, %d both empty, %d excluded",
+             model, fold, len(rows), summary["summary"]["dice"], summary["n_reference_present"], summary["n_both_empty"],
+             len(excluded))
     return payload
 
 
@@ -225,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices-dir", required=True, help="folder of the slices sidecars {case}.json")
     parser.add_argument("--model", required=True)
     parser.add_argument("--fold", required=True, type=int)
-    parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, help="surface Dice tolerance, mm")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the masks")
+    # No defaults here: the schema's (evaluate.*) reach this through the task's evaluate options.
+    parser.add_argument("--nsd-tolerance-mm", type=float, required=True, help="surface Dice tolerance, mm")
+    parser.add_argument("--threshold", type=float, required=True, help="probability threshold of the masks")
+    parser.add_argument("--detection-iou", type=float, required=True,
+                        help="IoU at which a predicted component matches a true one")
     parser.add_argument("--structure", default=None, help="structure name (default: the slices sidecar's)")
     parser.add_argument("--log", help="log file (also logged to stderr)")
     args = parser.parse_args(argv)
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_segment(args.predictions, args.fold_slices, args.out_metrics, args.out_per_case, args.masks_dir,
                          args.model, args.fold, args.slices_dir, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
-                         structure=args.structure, task=args.task)
+                         detection_iou=args.detection_iou, structure=args.structure, task=args.task)
     except InputError as err:
         log.error("%s", err)
         return 1

@@ -7,6 +7,8 @@ rule aggregate_metrics:
         predictions=report_prediction_files,
         test_metrics=report_test_metric_files,
         test_predictions=report_test_prediction_files,
+        per_case=report_per_case_files,
+        folds=expand("results/folds/{task}/folds.tsv", task=TASKS),
         published=PUBLISHED_NUMBERS,
     output:
         by_fold=report(
@@ -46,10 +48,17 @@ rule aggregate_metrics:
         seed=config["report"]["seed"],
         plugins=PLUGINS_ARG,
         selection=SELECTION_CAPTION,
-        code=code_version("report", "metrics.classification", "tasks"),
+        code=code_version(
+            "report",
+            "metrics.classification",
+            "metrics.bootstrap",
+            "metrics.segmentation_summary",
+            "tasks",
+        ),
     shell:
         "python -m hnct.report --log {log} tables {params.plugins} --metrics {input.metrics}"
         " --predictions {input.predictions} --test-metrics {input.test_metrics}"
+        " --per-case {input.per_case} --folds {input.folds}"
         " --published {input.published}"
         " --out-by-fold {output.by_fold:q} --out-summary {output.summary:q} --out-test {output.test:q}"
         " --out-markdown {output.markdown:q} --out-latex {output.latex:q}"
@@ -172,3 +181,51 @@ rule plot_crop_qa:
     shell:
         "python -m hnct.report --log {log} crop-qa --crops {input.crops} --out-png {output.png}"
         " --dpi {params.dpi} --font-size {params.font_size}"
+
+
+# Shortcut checks (hnct.baselines): the classification metrics per collection and per manufacturer,
+# beside logistic-regression baselines that see no image (collection only; spacing, manufacturer,
+# scanner, kernel), fitted per outer fold on its training cases. Reads only the folds tables, the
+# volume sidecars and the models' validation predictions.
+rule shortcut_checks:
+    input:
+        predictions=report_prediction_files,
+        folds=expand(
+            "results/folds/{task}/folds.tsv", task=tasks_of_kind("classification")
+        ),
+        volumes=expand("results/volumes/{case}.json", case=CASES),
+    output:
+        baselines=report(
+            "results/report/baselines.csv",
+            category="Shortcut checks",
+            caption="../report/baselines.rst",
+        ),
+        by_group=report(
+            "results/report/metrics_by_group.csv",
+            category="Shortcut checks",
+            caption="../report/metrics_by_group.rst",
+        ),
+        predictions="results/report/baseline_predictions.csv",
+        markdown="results/report/shortcuts.md",
+    log:
+        "logs/shortcut_checks/all.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        bootstrap=config["report"]["bootstrap"],
+        seed=config["report"]["seed"],
+        plugins=PLUGINS_ARG,
+        code=code_version(
+            "baselines", "report", "metrics.classification", "metrics.bootstrap"
+        ),
+    shell:
+        "python -m hnct.baselines --log {log} {params.plugins} --folds {input.folds}"
+        " --volume-sidecars {input.volumes} --predictions {input.predictions}"
+        " --out-baselines {output.baselines:q} --out-by-group {output.by_group:q}"
+        " --out-predictions {output.predictions:q} --out-markdown {output.markdown:q}"
+        " --bootstrap {params.bootstrap} --seed {params.seed}"

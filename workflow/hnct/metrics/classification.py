@@ -106,9 +106,14 @@ def positive_f1(truth: Any, predicted: Any) -> float:
     return 2 * cells["tp"] / denominator if denominator else 0.0
 
 
-def threshold_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, sensitivity, specificity, MCC and confusion at ``threshold``."""
-    labels, probability = check_inputs(labels, probability)
+def threshold_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_THRESHOLD,
+                      checked: bool = False) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, sensitivity, specificity, MCC and confusion at ``threshold``.
+
+    ``checked``: the caller has already run ``check_inputs`` on these arrays (a bootstrap checks
+    once, not on every resample)."""
+    if not checked:
+        labels, probability = check_inputs(labels, probability)
     reasons: dict[str, str] = {}
     if not np.isfinite(threshold):
         # No threshold to apply (a Youden threshold on a single-class set): nothing to count.
@@ -154,9 +159,10 @@ def threshold_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_
     }
 
 
-def ranking_metrics(labels: Any, probability: Any) -> dict[str, Any]:
-    """ROC-AUC, PR-AUC (average precision) and Brier score (threshold-free)."""
-    labels, probability = check_inputs(labels, probability)
+def ranking_metrics(labels: Any, probability: Any, checked: bool = False) -> dict[str, Any]:
+    """ROC-AUC, PR-AUC (average precision) and Brier score (threshold-free); ``checked`` as above."""
+    if not checked:
+        labels, probability = check_inputs(labels, probability)
     reasons = {}
     single = _single_class_reason(labels)
     if single:
@@ -190,10 +196,15 @@ def youden_threshold(labels: Any, probability: Any) -> tuple[float, float]:
     return float(scores[last[best]]), float(j[best])
 
 
-def classification_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """Every metric at one threshold, flat: ``auc, pr_auc, brier, accuracy, ..., tn, fp, fn, tp, reasons``."""
-    ranking = ranking_metrics(labels, probability)
-    at = threshold_metrics(labels, probability, threshold)
+def classification_metrics(labels: Any, probability: Any, threshold: float = DEFAULT_THRESHOLD,
+                           checked: bool = False) -> dict[str, Any]:
+    """Every metric at one threshold, flat: ``auc, pr_auc, brier, accuracy, ..., tn, fp, fn, tp, reasons``.
+
+    ``checked``: ``labels`` and ``probability`` are already ``check_inputs``' int64/float64 arrays."""
+    if not checked:
+        labels, probability = check_inputs(labels, probability)
+    ranking = ranking_metrics(labels, probability, checked=True)
+    at = threshold_metrics(labels, probability, threshold, checked=True)
     reasons = {**ranking.pop("reasons"), **at.pop("reasons")}
     return {**ranking, **at, "reasons": reasons}
 

@@ -1,63 +1,64 @@
-"""Segmentation metrics for binary masks (numpy/scipy), spacing-aware, distances in physical mm.
+"""Segmentation metrics for binary masks after Metrics Reloaded (Maier-Hein et al., Nat. Methods 2024).
 
 All functions take boolean (or 0/1) arrays of one structure and the voxel ``spacing`` in mm **in the
 array's axis order** (for a SimpleITK array ``(z, y, x)`` pass ``spacing[::-1]`` of the image).
 
-Definitions
------------
-* **Dice** = 2|P∩T| / (|P| + |T|); **IoU** = |P∩T| / |P∪T|.
-* **Surface voxels**: voxels of the mask that are not in its binary erosion (scipy's default,
-  face-connected structuring element; outside the array counts as background, so a mask touching
-  the border has a surface there). This is MONAI's ``get_mask_edges`` without ``spacing``.
-* **Directed surface distances** P→T: for every surface voxel of P, the Euclidean distance (mm) to
-  the nearest surface voxel of T, from ``scipy.ndimage.distance_transform_edt(~surface_T,
-  sampling=spacing)``.
-* **HD95** = max(95th percentile of P→T, 95th percentile of T→P). This is MONAI's
-  ``compute_hausdorff_distance(percentile=95, directed=False)``, the reference tested against in
-  tests/test_metrics_segmentation.py. medpy's ``hd95`` instead takes the 95th
-  percentile of the union of both directed sets; the two agree for symmetric errors and differ
-  when one mask is much larger than the other (the union is dominated by the larger surface, so
-  medpy can hide a bad directed error of a small structure). The max of directed percentiles does
-  not, which is why hnct uses it. Percentiles use numpy's default linear interpolation (as MONAI).
-* **NSD** (normalised surface Dice at ``tolerance_mm``) = (#surface voxels of P within tolerance of
-  S_T + #surface voxels of T within tolerance of S_P) / (#S_P + #S_T), counting voxels (MONAI's
-  ``compute_surface_dice`` with ``use_subvoxels=False``), "within" meaning distance <= tolerance.
-* **Lesion-wise detection**: connected components (26-connectivity in 3D, 8 in 2D) of P and T.
-  A predicted component overlapping any true component by >= 1 voxel is a TP; a predicted
-  component overlapping none is an FP; a true component overlapped by no predicted component is an
-  FN. ``n_true_detected`` counts true components with an overlapping prediction (so
-  sensitivity = n_true_detected / n_true, precision = tp / n_pred).
-* **S-Net per-slice Dice** (``snet_slice_dice``): Dice of every axial slice (axis 0), where an
-  empty-prediction / empty-truth slice scores 1 (as S-Net's published code does), averaged over
-  all slices; and ``labelled_slice_dice``: the same Dice averaged over slices whose truth is not
-  empty only. The first rewards the many empty slices and is not comparable to a 3D Dice.
+Segmentation quality (over cases whose **reference holds the structure**)
+--------------------------------------------------------------------------
+* **Dice** = 2|P∩T| / (|P| + |T|); **IoU** = |P∩T| / |P∪T| (0 when the prediction is empty).
+* **HD95** and **NSD** come from MONAI through :func:`surface_distances` (the only place they are
+  computed): ``compute_hausdorff_distance(percentile=95, directed=False, spacing=...)`` = max of the
+  two directed 95th percentiles of surface distances, and ``compute_surface_dice(class_thresholds=
+  [tolerance_mm], spacing=...)`` (surface voxels, a distance <= the tolerance counts). Surface
+  voxels are a mask minus its face-connected erosion, outside the array is background.
+* A case whose prediction is empty has **no finite HD95**: it is never given a stand-in distance
+  (no image diagonal), never enters a mean; the summary gives the **median** HD95 over cases with
+  both masks present and the number of reference-present cases without a finite distance
+  (``n_hd95_not_finite``). Its NSD is 0 (no predicted surface lies near the reference).
 
-Empty-mask policy (``EMPTY_MASK_POLICY``, also written into every results file)
-------------------------------------------------------------------------------
-* Both P and T empty: Dice, IoU, HD95 and NSD are undefined (NaN); the case is **excluded from the
-  means/medians** and counted in ``n_both_empty``.
-* Exactly one empty: the **worst value** is used: Dice 0, IoU 0, NSD 0 and HD95 = the diagonal of
-  the image extent in mm (sqrt(sum((shape * spacing)**2))), the largest distance possible inside the
-  image; counted in ``n_pred_empty`` / ``n_truth_empty``.
+Detection (reported separately)
+-------------------------------
+* Components: connected components of P and T (full connectivity: 26 in 3D, 8 in 2D).
+* **Matching**: a predicted and a true component match when their IoU (as sets of voxels) is
+  ``>= iou_threshold`` (``evaluate.detection_iou``); pairs are matched one to one, best IoU first
+  (``scipy.optimize.linear_sum_assignment``), so one voxel of overlap is not a detection.
+  ``tp`` = matched pairs, ``fp`` = unmatched predicted components, ``fn`` = unmatched true ones.
+* **Per-case sensitivity**: reference-present cases with at least one matched component / all
+  reference-present cases. **False-positive rate**: structure-negative cases (empty reference) whose
+  prediction is not empty / all structure-negative cases. Lesion-wise sensitivity = Σtp / Σn_true,
+  precision = Σtp / Σn_pred.
+* A case with both masks empty is a true negative for detection and is in no segmentation mean.
+
+S-Net's per-slice Dice (``snet_slice_dice``) scores every axial slice (axis 0), an empty/empty slice
+scoring 1 as S-Net's published code does, averaged over all slices; ``labelled_slice_dice``
+averages over slices whose truth is not empty only. The first rewards the many empty slices and is
+not comparable to a 3D Dice.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+# The summary of per-case rows lives apart (no MONAI import): the report's environment reads it too.
+from hnct.metrics.segmentation_summary import (SUMMARY_METRICS, case_arrays, finite_values,  # noqa: F401
+                                               summarise_arrays, summarise_cases)
 
 EMPTY_MASK_POLICY = (
-    "both prediction and truth empty: metrics undefined (NaN), case excluded from means/medians and "
-    "counted in n_both_empty; exactly one empty: worst value (Dice 0, IoU 0, NSD 0, HD95 = diagonal "
-    "of the image extent in mm), counted in n_pred_empty / n_truth_empty. HD95 = max of the two "
-    "directed 95th percentiles of surface distances (MONAI convention). Per-slice S-Net Dice scores "
-    "an empty/empty slice as 1 and averages over all slices; labelled-slice Dice averages over slices "
-    "with non-empty truth only."
+    "Metrics Reloaded: Dice, IoU and NSD are averaged over cases whose reference holds the structure "
+    "(an empty prediction scores Dice 0, IoU 0, NSD 0); HD95 (MONAI, max of the two directed 95th "
+    "percentiles) is summarised as the median over cases with both masks present, and a "
+    "reference-present case with an empty prediction has no finite HD95: it is counted in "
+    "n_hd95_not_finite, never given a stand-in distance. Cases with an empty reference enter only the "
+    "detection metrics (false-positive rate); both empty: a true negative. Components match at "
+    "IoU >= the detection threshold, one to one."
 )
-
+# The per-case statuses (reference = truth).
+STATUSES = ("both_present", "pred_empty", "truth_empty", "both_empty")
 
 def _as_bool(mask: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(mask)
@@ -81,13 +82,8 @@ def _check_pair(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | 
     return pred, truth, spacing
 
 
-def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Diagonal of the image extent (shape * spacing) in mm: the worst-case HD95."""
-    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
-
-
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient; NaN when both masks are empty."""
+    """Dice coefficient; NaN when both masks are empty (Metrics Reloaded: no reference, no score)."""
     pred, truth = _as_bool(pred, "pred"), _as_bool(truth, "truth")
     total = int(pred.sum()) + int(truth.sum())
     if total == 0:
@@ -96,7 +92,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union (Jaccard); NaN when both masks are empty."""
+    """Intersection over union (Jaccard); NaN when both masks are empty (Metrics Reloaded: no reference, no score)."""
     pred, truth = _as_bool(pred, "pred"), _as_bool(truth, "truth")
     union = int(np.logical_or(pred, truth).sum())
     if union == 0:
@@ -104,81 +100,62 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return int(np.logical_and(pred, truth).sum()) / union
 
 
-def surface_voxels(mask: np.ndarray) -> np.ndarray:
-    """Boolean array of the mask's surface voxels (mask minus its face-connected erosion)."""
-    mask = _as_bool(mask, "mask")
-    if not mask.any():
-        return np.zeros_like(mask)
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
-                                    border_value=0)
-    return mask & ~eroded
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | None,
+                      tolerance_mm: float) -> dict[str, float | None]:
+    """HD95 (mm) and NSD at ``tolerance_mm`` of one structure, from MONAI; the one place both are computed.
 
-
-def directed_surface_distances(from_mask: np.ndarray, to_mask: np.ndarray,
-                               spacing: Sequence[float] | None = None) -> np.ndarray:
-    """Distances (mm) from each surface voxel of ``from_mask`` to the nearest surface voxel of ``to_mask``.
-
-    Both masks must be non-empty. ``spacing`` is in mm, in the arrays' axis order.
+    ``spacing_mm`` in the arrays' axis order. ``{"hd95": float | None, "nsd": float | None}``: both
+    present: MONAI's ``compute_hausdorff_distance(percentile=95, directed=False)`` and
+    ``compute_surface_dice(class_thresholds=[tolerance_mm])``; reference present, prediction empty:
+    HD95 None (no finite distance), NSD 0.0; reference empty: both None (detection only).
     """
-    from_mask, to_mask, spacing = _check_pair(from_mask, to_mask, spacing)
-    if not from_mask.any() or not to_mask.any():
-        raise ValueError("directed surface distances need two non-empty masks")
-    surface_from = surface_voxels(from_mask)
-    surface_to = surface_voxels(to_mask)
-    distance_to = ndimage.distance_transform_edt(~surface_to, sampling=spacing)
-    return distance_to[surface_from]
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None,
-         percentile: float = 95.0) -> float:
-    """Symmetric percentile Hausdorff distance in mm: max of the two directed percentiles.
-
-    Both empty: NaN. One empty: the image diagonal in mm (worst value, see module docstring).
-    """
-    pred, truth, spacing = _check_pair(pred, truth, spacing)
-    if not pred.any() and not truth.any():
-        return float("nan")
-    if not pred.any() or not truth.any():
-        return image_diagonal_mm(pred.shape, spacing)
-    forward = directed_surface_distances(pred, truth, spacing)
-    backward = directed_surface_distances(truth, pred, spacing)
-    return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
-
-
-def nsd(pred: np.ndarray, truth: np.ndarray, tolerance_mm: float,
-        spacing: Sequence[float] | None = None) -> float:
-    """Normalised surface Dice at ``tolerance_mm`` (voxel-counting); NaN both empty, 0 one empty."""
-    pred, truth, spacing = _check_pair(pred, truth, spacing)
+    pred, ref, spacing = _check_pair(pred, ref, spacing_mm)
     if tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
-    if not pred.any() and not truth.any():
-        return float("nan")
-    if not pred.any() or not truth.any():
-        return 0.0
-    forward = directed_surface_distances(pred, truth, spacing)
-    backward = directed_surface_distances(truth, pred, spacing)
-    within = int((forward <= tolerance_mm).sum()) + int((backward <= tolerance_mm).sum())
-    return within / (forward.size + backward.size)
+    if not ref.any():
+        return {"hd95": None, "nsd": None}
+    if not pred.any():
+        return {"hd95": None, "nsd": 0.0}
+    y_pred = torch.from_numpy(np.ascontiguousarray(pred)[None, None])
+    y = torch.from_numpy(np.ascontiguousarray(ref)[None, None])
+    with warnings.catch_warnings():
+        # MONAI 1.5+ warns about its own internal use of a deprecated get_mask_edges argument.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, directed=False,
+                                        spacing=list(spacing))
+        surface_dice = compute_surface_dice(y_pred, y, class_thresholds=[float(tolerance_mm)],
+                                            include_background=True, spacing=list(spacing))
+    return {"hd95": float(hd.reshape(-1)[0]), "nsd": float(surface_dice.reshape(-1)[0])}
 
 
-def lesion_detection(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
-    """Lesion-wise counts from connected components (26-connectivity in 3D, full connectivity in nD).
+def match_components(pred: np.ndarray, truth: np.ndarray, iou_threshold: float) -> dict[str, int]:
+    """Component-wise detection counts, matching components by IoU >= ``iou_threshold`` one to one.
 
-    Returns ``n_pred``, ``n_true`` (components), ``tp`` (predicted components overlapping a true
-    one), ``fp`` (predicted components overlapping none), ``fn`` (true components with no
-    overlapping prediction) and ``n_true_detected`` (= n_true - fn).
+    ``n_pred``, ``n_true`` (connected components, full connectivity), ``tp`` (matched pairs),
+    ``fp`` = n_pred - tp, ``fn`` = n_true - tp.
     """
     pred, truth, _ = _check_pair(pred, truth, None)
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     structure = ndimage.generate_binary_structure(pred.ndim, pred.ndim)
     pred_labels, n_pred = ndimage.label(pred, structure=structure)
     true_labels, n_true = ndimage.label(truth, structure=structure)
-    overlap = pred & truth
-    pred_hit = np.unique(pred_labels[overlap])
-    true_hit = np.unique(true_labels[overlap])
-    tp = int(np.count_nonzero(pred_hit))
-    detected = int(np.count_nonzero(true_hit))
-    return {"n_pred": int(n_pred), "n_true": int(n_true), "tp": tp, "fp": int(n_pred) - tp,
-            "fn": int(n_true) - detected, "n_true_detected": detected}
+    tp = 0
+    if n_pred and n_true:
+        both = pred & truth
+        # Voxel counts of every (predicted, true) pair that overlaps, and of every component.
+        overlap = np.zeros((n_pred + 1, n_true + 1), dtype=np.int64)
+        np.add.at(overlap, (pred_labels[both], true_labels[both]), 1)
+        overlap = overlap[1:, 1:]
+        pred_size = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
+        true_size = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:]
+        pair_iou = overlap / (pred_size[:, None] + true_size[None, :] - overlap)
+        rows, cols = linear_sum_assignment(pair_iou, maximize=True)
+        tp = int(np.sum(pair_iou[rows, cols] >= iou_threshold))
+    return {"n_pred": int(n_pred), "n_true": int(n_true), "tp": tp, "fp": int(n_pred) - tp, "fn": int(n_true) - tp}
 
 
 def slice_dices(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -207,32 +184,30 @@ def labelled_slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                 tolerance_mm: float = 2.0) -> dict[str, Any]:
-    """All metrics of one case and structure, with the empty-mask status (see module docstring).
+                 tolerance_mm: float = 2.0, iou_threshold: float = 0.1) -> dict[str, Any]:
+    """All metrics of one case and structure, with its empty-mask status (see the module docstring).
 
     ``spacing`` in mm in the arrays' axis order; slices for the per-slice Dice run along axis 0.
+    None marks a metric that this case does not have (HD95 of an empty prediction, anything
+    segmentation-wise of an empty reference).
     """
     pred, truth, spacing = _check_pair(pred, truth, spacing)
     pred_empty, truth_empty = not pred.any(), not truth.any()
     status = ("both_empty" if pred_empty and truth_empty else "pred_empty" if pred_empty
               else "truth_empty" if truth_empty else "both_present")
-    if status == "both_present":
-        forward = directed_surface_distances(pred, truth, spacing)
-        backward = directed_surface_distances(truth, pred, spacing)
-        hd = float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
-        within = int((forward <= tolerance_mm).sum()) + int((backward <= tolerance_mm).sum())
-        surface_dice = within / (forward.size + backward.size)
-    else:
-        hd = hd95(pred, truth, spacing)
-        surface_dice = nsd(pred, truth, tolerance_mm, spacing)
+    distances = surface_distances(pred, truth, spacing, tolerance_mm)
+    detection = match_components(pred, truth, iou_threshold)
     voxel_mm3 = float(np.prod(spacing))
     result: dict[str, Any] = {
         "empty_status": status,
-        "dice": dice(pred, truth),
-        "iou": iou(pred, truth),
-        "hd95_mm": hd,
-        "nsd": surface_dice,
+        "dice": None if truth_empty else dice(pred, truth),
+        "iou": None if truth_empty else iou(pred, truth),
+        "hd95_mm": distances["hd95"],
+        "nsd": distances["nsd"],
         "nsd_tolerance_mm": float(tolerance_mm),
+        "detected": None if truth_empty else bool(detection["tp"] > 0),
+        "false_positive": bool(truth_empty and not pred_empty),
+        "detection_iou": float(iou_threshold),
         "pred_volume_mm3": float(pred.sum()) * voxel_mm3,
         "truth_volume_mm3": float(truth.sum()) * voxel_mm3,
         "n_slices": int(pred.shape[0]),
@@ -240,36 +215,27 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
         "snet_slice_dice": snet_slice_dice(pred, truth),
         "labelled_slice_dice": labelled_slice_dice(pred, truth),
     }
-    result.update(lesion_detection(pred, truth))
+    result.update(detection)
     return result
 
 
-def _summary(values: Sequence[float]) -> dict[str, float | int | None]:
-    arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": None, "median": None, "std": None, "n": 0}
-    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "std": float(arr.std(ddof=0)),
-            "n": int(arr.size)}
-
-
 def aggregate_cases(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means/medians over cases (both-empty cases excluded, NaN-free), counts and lesion totals."""
+    """One fold's summary: counts, the distribution of each per-case metric (``dice``: mean, median,
+    std, n over the cases that have it) and the headline numbers under ``summary``
+    (``summarise_cases``: what the report's per-fold columns show)."""
     statuses = [c["empty_status"] for c in per_case]
     summary: dict[str, Any] = {
         "n_cases": len(per_case),
-        "n_both_empty": statuses.count("both_empty"),
-        "n_pred_empty": statuses.count("pred_empty"),
-        "n_truth_empty": statuses.count("truth_empty"),
-        "n_both_present": statuses.count("both_present"),
+        "n_reference_present": statuses.count("both_present") + statuses.count("pred_empty"),
+        "n_reference_absent": statuses.count("truth_empty") + statuses.count("both_empty"),
+        **{f"n_{status}": statuses.count(status) for status in STATUSES},
         "empty_mask_policy": EMPTY_MASK_POLICY,
     }
     for key in ("dice", "iou", "hd95_mm", "nsd", "snet_slice_dice", "labelled_slice_dice"):
-        summary[key] = _summary([c[key] for c in per_case])
-    totals = {k: int(sum(c[k] for c in per_case)) for k in ("n_pred", "n_true", "tp", "fp", "fn",
-                                                           "n_true_detected")}
-    n = len(per_case)
-    totals["fp_per_scan"] = totals["fp"] / n if n else None
-    totals["sensitivity"] = totals["n_true_detected"] / totals["n_true"] if totals["n_true"] else None
-    totals["precision"] = totals["tp"] / totals["n_pred"] if totals["n_pred"] else None
-    summary["lesions"] = totals
+        values = finite_values(c[key] for c in per_case)
+        summary[key] = ({"mean": float(values.mean()), "median": float(np.median(values)),
+                         "std": float(values.std(ddof=0)), "n": int(values.size)} if values.size
+                        else {"mean": None, "median": None, "std": None, "n": 0})
+    summary["summary"] = summarise_cases(per_case)
+    summary["lesions"] = {k: int(sum(c[k] for c in per_case)) for k in ("n_pred", "n_true", "tp", "fp", "fn")}
     return summary

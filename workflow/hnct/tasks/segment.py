@@ -36,7 +36,7 @@ class Segment(Task):
     train_options = {"slices-dir": "results/slices"}
     evaluate_inputs = {"fold-slices": "results/folds/{task}/fold{fold}_slices.tsv"}
     evaluate_mem_mb = 4000
-    modules = ("tasks.segment", "data", "losses", "segeval", "metrics.segmentation",
+    modules = ("tasks.segment", "data", "losses", "segeval", "metrics.segmentation", "metrics.segmentation_summary",
                "metrics.classification")
     metric_name = "inner_dice"
     selection_metric = "pooled Dice at 0.5 (ties: the lower loss)"
@@ -59,7 +59,8 @@ class Segment(Task):
         return {"masks-dir": "results/evaluate/{task}/{model}/fold{fold}/masks",
                 "slices-dir": "results/slices",
                 "nsd-tolerance-mm": config["evaluate"]["nsd_tolerance_mm"],
-                "threshold": config["evaluate"]["mask_threshold"]}
+                "threshold": config["evaluate"]["mask_threshold"],
+                "detection-iou": config["evaluate"]["detection_iou"]}
 
     @classmethod
     def case_label(cls, case, row, sidecar_path, sidecar, cohort_file, options):
