@@ -180,7 +180,10 @@ def _cnn3d_pooled_auc(demo_run: Path, work: Path, shuffle: bool) -> tuple[float,
     work.mkdir(parents=True, exist_ok=True)
     folds_tsv = work / "folds.tsv"
     folds.to_csv(folds_tsv, sep="\t", index=False)
+    # selection fixed: the 12th epoch's model predicts its fold (choosing the best of 12 epochs on the
+    # reported fold would be the selection bias issue 14 removed).
     cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 100,
+           "selection": "fixed", "inner_folds": 5,
            "input_shape": [32, 32, 32], "fit": "resize", "epochs": 12, "batch_size": 4, "lr": 1e-3,
            "weight_decay": 0.0, "optimizer": "adam", "patience": 12, "focal_gamma": 2.0,
            "class_weights": [1.0, 4.0], "weighted_sampler": False, "hu_clip": [-300, 300],
