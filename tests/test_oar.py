@@ -280,3 +280,12 @@ def test_tiny_cohort_trains_predicts_and_evaluates(tmp_path):
     metrics = read_json(tmp_path / "metrics.json")
     assert set(metrics["structures"]) == set(STRUCTURES)
     assert metrics["nsd_tolerances_mm"] == {"Cord": 1.0, "Gland": 2.0, "Nodule": 1.0}
+    # the per-structure report from the same files
+    from hnct.report_structures import write_report
+
+    table = write_report([tmp_path / "per_case.csv"], [out / "val_predictions.csv"], tmp_path / "report")
+    gland = table.set_index("structure").loc["Gland"]
+    assert gland["n_not_annotated"] == 1 and gland["dice_n"] + gland["n_false_positive"] + gland["n_both_empty"] \
+        + gland["n_not_annotated"] == len(val)
+    for name in ("table.csv", "table.md", "boxplots.png", "dice_heatmap.png", "overlays.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0

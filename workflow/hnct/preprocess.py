@@ -229,6 +229,26 @@ def preprocess_case(case: str, volume_sidecar: str | Path, fingerprint_json: str
     return run_case_stage(case, STAGE, sidecar_path, work, upstream=volume_sidecar, out_dir=out_dir)
 
 
+def read_reference(volume_sidecar_path: str | Path):
+    """A case's (C, z, y, x) boolean reference channels (convert's structures.nrrd), their names and
+    annotated flags, and its spacing (z, y, x, mm), from its volume sidecar."""
+    import nrrd
+
+    sidecar = read_sidecar(volume_sidecar_path)
+    entries = sorted(sidecar["structures"], key=lambda e: int(e["channel"]))
+    ref, _ = nrrd.read(sidecar["structures_file"], index_order="C")
+    return (ref.astype(bool), [e["name"] for e in entries], [bool(e["annotated"]) for e in entries],
+            list(reversed([float(s) for s in sidecar["spacing"]])))
+
+
+def read_prediction(masks_dir: str | Path, names: Sequence[str]) -> np.ndarray:
+    """The (C, z, y, x) boolean predicted masks ``<masks_dir>/<name>.nrrd`` in ``names``' order."""
+    import nrrd
+
+    return np.stack([nrrd.read(str(Path(masks_dir) / f"{name}.nrrd"), index_order="C")[0].astype(bool)
+                     for name in names])
+
+
 # ---------------------------------------------------------------- one fold's plan
 def plan_fold(folds_tsv: str | Path, fold: int, fingerprint_json: str | Path,
               preprocess_sidecars: Sequence[str | Path], out: str | Path, patch_size: Sequence[int],

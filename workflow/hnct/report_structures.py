@@ -141,20 +141,20 @@ def plot_overlays(prediction_files: Sequence[str | Path], png: str | Path, dpi: 
                   font_size: float = 10) -> None:
     """Per structure, the axial slice through its reference's centre in the first validation case
     (of the first prediction file) where it is annotated and present."""
-    from hnct.tasks.oar import read_prediction, read_reference
+    import nrrd
+
+    from hnct.common import read_sidecar
+    from hnct.preprocess import read_prediction, read_reference
 
     plt = _pyplot(dpi, font_size)
     predictions = pd.concat([pd.read_csv(f, dtype={"case": str}) for f in prediction_files], ignore_index=True) \
         if prediction_files else pd.DataFrame()
     panels = {}
     for record in predictions.itertuples(index=False):
-        ref, names, annotated, _ = read_reference(record.case, record.volume_sidecar)
+        ref, names, annotated, _ = read_reference(record.volume_sidecar)
         wanted = [c for c, n in enumerate(names) if n not in panels and annotated[c] and ref[c].any()]
         if not wanted:
             continue
-        from hnct.common import read_sidecar
-        import nrrd
-
         ct = nrrd.read(read_sidecar(record.volume_sidecar)["volume"], index_order="C")[0]
         pred = read_prediction(record.masks_dir, names)
         for c in wanted:

@@ -44,8 +44,7 @@ rule report_structures:
         out_dir="results/report/structures/{task}",
         dpi=config["report"]["dpi"],
         font_size=config["report"]["font_size"],
-        code=code_version("report_structures", "tasks"),
-        task_code=get_task_code,
+        code=code_version("report_structures", "preprocess"),
     shell:
         "python -m hnct.report_structures --per-case {input.per_case:q}"
         " --predictions {input.predictions:q} --out-dir {params.out_dir:q}"

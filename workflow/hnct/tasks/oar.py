@@ -413,27 +413,6 @@ def write_case_prediction(prob, sidecar: dict[str, Any], structures: list[str], 
 
 
 # ---------------------------------------------------------------- evaluation
-def read_reference(case: str, volume_sidecar_path: str):
-    """The case's (C, z, y, x) reference channels, names, annotated flags and spacing (z, y, x, mm)."""
-    import nrrd
-
-    from hnct.common import read_sidecar
-
-    sidecar = read_sidecar(volume_sidecar_path)
-    entries = sorted(sidecar["structures"], key=lambda e: int(e["channel"]))
-    ref, _ = nrrd.read(sidecar["structures_file"], index_order="C")
-    return (ref.astype(bool), [e["name"] for e in entries], [bool(e["annotated"]) for e in entries],
-            list(reversed([float(s) for s in sidecar["spacing"]])))
-
-
-def read_prediction(masks_dir: str, names: list[str]):
-    import nrrd
-    import numpy as np
-
-    return np.stack([nrrd.read(str(Path(masks_dir) / f"{name}.nrrd"), index_order="C")[0].astype(bool)
-                     for name in names])
-
-
 def evaluate(predictions_csv, out_metrics, out_per_case, model: str, fold: int, tolerances: dict[str, float],
              default_tolerance_mm: float) -> dict[str, Any]:
     """Per-case, per-structure metrics (:func:`hnct.metrics.structures.case_structure_metrics`) of
@@ -442,11 +421,12 @@ def evaluate(predictions_csv, out_metrics, out_per_case, model: str, fold: int, 
 
     from hnct.common import atomic_path, software_versions, write_json
     from hnct.metrics import structures as metrics
+    from hnct.preprocess import read_prediction, read_reference
 
     predictions = pd.read_csv(predictions_csv, dtype={"case": str})
     rows = []
     for record in predictions.itertuples(index=False):
-        ref, names, annotated, spacing = read_reference(record.case, record.volume_sidecar)
+        ref, names, annotated, spacing = read_reference(record.volume_sidecar)
         pred = read_prediction(record.masks_dir, names)
         for row in metrics.case_structure_metrics(pred, ref, names, annotated, spacing, tolerances,
                                                   default_tolerance_mm):
