@@ -186,9 +186,10 @@ def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdat
     assert sidecar["status"] == "ok", sidecar.get("reason")
     ct = sitk.ReadImage(sidecar["volume"])
     size = ct.GetSize()
-    channels = np.zeros((3, size[2], size[1], size[0]), np.uint8)
+    names = STRUCTURES[:2]
+    channels = np.zeros((len(names), size[2], size[1], size[0]), np.uint8)
     channels[0, :, size[1] // 3: size[1] // 2, size[0] // 3: size[0] // 2] = 1  # a bar through every slice
-    add_structures(volumes / "C.json", channels, [True, True, False])
+    add_structures(volumes / "C.json", channels, [True, False], names)
     folds = tmp_path / "folds.tsv"
     pd.DataFrame({"case": ["C"], "fold": ["0"]}).to_csv(folds, sep="\t", index=False)
     target = [s * 1.7 for s in ct.GetSpacing()]
@@ -199,8 +200,8 @@ def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdat
     assert pre["grid"]["spacing"] == pytest.approx(target)
     resampled = np.load(pre["files"]["structures"]).astype(np.float32)
     assert resampled.shape[1:] == tuple(pre["shape_zyx"]) and resampled.shape[1:] != channels.shape[1:]
-    write_case_prediction(resampled, pre, STRUCTURES, tmp_path / "pred")
-    for name in ("label", *STRUCTURES):
+    write_case_prediction(resampled, pre, names, tmp_path / "pred")
+    for name in ("label", *names):
         out = sitk.ReadImage(str(tmp_path / "pred" / f"{name}.nrrd"))
         assert out.GetSize() == ct.GetSize()
         assert out.GetOrigin() == ct.GetOrigin() and out.GetSpacing() == ct.GetSpacing()

@@ -102,7 +102,7 @@ def read_structures(case: str, sidecar: dict[str, Any], ct) -> tuple[np.ndarray,
     origin = np.asarray(header.get("space origin", [np.nan] * 3), dtype=float)
     if not np.allclose(origin, ct.GetOrigin(), atol=1e-3):
         raise InputError(case, path, f"structures origin {origin.tolist()} is not the CT's {list(ct.GetOrigin())}")
-    if not np.isin(np.unique(array), (0, 1)).all():
+    if array.min(initial=0) < 0 or array.max(initial=0) > 1:
         raise InputError(case, path, "structures channels are not binary (values other than 0 and 1)")
     order = sorted(entries, key=lambda e: int(e["channel"]))
     return array.astype(np.uint8), [str(e["name"]) for e in order], [bool(e["annotated"]) for e in order]

@@ -383,13 +383,21 @@ class OarRun:
 
 def to_ct_grid(prob, sidecar: dict[str, Any]):
     """(C, z, y, x) probabilities on the preprocessed grid -> (C, z, y, x) float32 on the CT's grid
-    (linear; 0 outside the body crop)."""
+    (linear), resampled inside the body crop only (0 outside it, where nothing was predicted)."""
     import numpy as np
 
     from hnct.preprocess import image_from_geometry, resample_channel
 
-    grid, ct = image_from_geometry(sidecar["grid"]), image_from_geometry(sidecar["ct_geometry"])
-    return np.stack([resample_channel(p, grid, ct, threshold=None) for p in prob])
+    ct, start, size = sidecar["ct_geometry"], sidecar["crop_index_start"], sidecar["crop_index_size"]
+    axes = np.reshape(ct["direction"], (3, 3)) * np.asarray(ct["spacing"])
+    box = image_from_geometry({**ct, "size": size,
+                               "origin": list(np.asarray(ct["origin"]) + axes @ np.asarray(start, float))})
+    grid = image_from_geometry(sidecar["grid"])
+    out = np.zeros((len(prob), *reversed([int(n) for n in ct["size"]])), dtype=np.float32)
+    (x0, y0, z0), (nx, ny, nz) = start, size
+    for channel, p in enumerate(prob):
+        out[channel, z0:z0 + nz, y0:y0 + ny, x0:x0 + nx] = resample_channel(p, grid, box, threshold=None)
+    return out
 
 
 def write_case_prediction(prob, sidecar: dict[str, Any], structures: list[str], case_dir: Path) -> Path:
