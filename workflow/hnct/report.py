@@ -61,7 +61,8 @@ SEGMENT_COLUMNS = {
     "snet_slice_dice": "slice Dice (S-Net)",
 }
 # A task's report_kind (hnct.tasks) picks its columns, its pooled CIs and its figures.
-KIND_COLUMNS = {"classification": CLASSIFY_COLUMNS, "segmentation": SEGMENT_COLUMNS}
+KIND_COLUMNS = {"classification": CLASSIFY_COLUMNS, "segmentation": SEGMENT_COLUMNS,
+                "structures": {"dice": "Dice (mean over structures; per structure: hnct.report_structures)"}}
 CLASSIFICATION = "classification"
 METRIC_TITLES = {"val_auc": "AUC", "val_dice": "Dice"}
 
