@@ -290,3 +290,21 @@ def test_tiny_cohort_trains_predicts_and_evaluates(tmp_path):
         + gland["n_not_annotated"] == len(val)
     for name in ("table.csv", "table.md", "boxplots.png", "dice_heatmap.png", "overlays.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_bad_structure_channels_exclude_the_case_naming_file_and_reason(tmp_path):
+    from hnct.preprocess import fingerprint, preprocess_case
+
+    sidecar = write_phantom(tmp_path, "P0", 0)
+    folds = tmp_path / "folds.tsv"
+    pd.DataFrame({"case": ["P0"], "fold": ["0"]}).to_csv(folds, sep="\t", index=False)
+    fingerprint(folds, [sidecar], tmp_path / "fingerprint.json")
+    volume = read_json(sidecar)
+    channels = nrrd.read(volume["structures_file"], index_order="C")[0]
+    for bad, reason in ((channels[:, :-1], "expected"), (channels * 2, "not binary")):
+        write_structures_nrrd(bad, volume, volume["structures_file"])
+        out = preprocess_case("P0", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / "P0",
+                              tmp_path / "pre" / "P0.json")
+        assert out["status"] == "excluded" and reason in out["reason"]
+        assert out["file"] == volume["structures_file"] and out["case"] == "P0"
+        assert not any((tmp_path / "pre" / "P0").iterdir())  # nothing half-written left behind
