@@ -26,12 +26,18 @@ STRUCTURES = ["Cord", "Gland", "Nodule"]
 
 
 # ---------------------------------------------------------------- helpers
-def write_structures_nrrd(channels: np.ndarray, geometry: dict, path) -> None:
-    """The agreed format: uint8 (C, z, y, x), kinds list + 3 domains, a leading 'none' direction."""
+def write_structures_nrrd(channels: np.ndarray, geometry: dict, path, channel_first: bool = False) -> None:
+    """convert's format: uint8 (C, z, y, x) as pynrrd's C order reads it, i.e. file axes (x, y, z,
+    channel), kinds 3 domains + list, a trailing 'none' direction; ``channel_first``: the same
+    channels with the channel as the first file axis (kinds list first)."""
     axes = np.reshape(np.asarray(geometry["direction"], float), (3, 3)) * np.asarray(geometry["spacing"])
-    header = {"space": "left-posterior-superior", "kinds": ["list", "domain", "domain", "domain"],
-              "space directions": np.vstack([np.full(3, np.nan), axes.T]),
+    header = {"space": "left-posterior-superior", "kinds": ["domain", "domain", "domain", "list"],
+              "space directions": np.vstack([axes.T, np.full(3, np.nan)]),
               "space origin": np.asarray(geometry["origin"], float), "encoding": "gzip"}
+    if channel_first:
+        channels = np.moveaxis(channels, 0, -1)
+        header.update(kinds=["list", "domain", "domain", "domain"],
+                      **{"space directions": np.vstack([np.full(3, np.nan), axes.T])})
     nrrd.write(str(path), np.ascontiguousarray(channels.astype(np.uint8)), header, index_order="C")
 
 
@@ -301,6 +307,12 @@ def test_bad_structure_channels_exclude_the_case_naming_file_and_reason(tmp_path
     fingerprint(folds, [sidecar], tmp_path / "fingerprint.json")
     volume = read_json(sidecar)
     channels = nrrd.read(volume["structures_file"], index_order="C")[0]
+    # the channel axis found from the header's kinds, first or last in the file: the same channels
+    from hnct.preprocess import read_channels
+
+    write_structures_nrrd(channels, volume, tmp_path / "first.nrrd", channel_first=True)
+    assert np.array_equal(read_channels(tmp_path / "first.nrrd")[0], channels)
+    assert np.array_equal(read_channels(volume["structures_file"])[0], channels)
     for bad, reason in ((channels[:, :-1], "expected"), (channels * 2, "not binary")):
         write_structures_nrrd(bad, volume, volume["structures_file"])
         out = preprocess_case("P0", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / "P0",

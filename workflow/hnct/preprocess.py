@@ -83,18 +83,29 @@ def fingerprint(folds_tsv: str | Path, volume_sidecars: Sequence[str | Path], ou
 
 
 # ---------------------------------------------------------------- one case
+def read_channels(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A structures NRRD as a (C, z, y, x) array and its header, whichever file axis its header's
+    ``kinds`` mark as the ``list`` (channel) axis: the last file axis (fastest first: x, y, z,
+    channel; what convert writes) or the first (channel, x, y, z)."""
+    import nrrd
+
+    array, header = nrrd.read(str(path), index_order="C")
+    kinds = [str(k).lower() for k in header.get("kinds", [])]
+    if array.ndim == 4 and kinds[:1] == ["list"] and kinds[-1:] != ["list"]:
+        array = np.moveaxis(array, -1, 0)  # C order reverses the file's axes: (z, y, x, C)
+    return array, header
+
+
 def read_structures(case: str, sidecar: dict[str, Any], ct) -> tuple[np.ndarray, list[str], list[bool]]:
     """The (C, z, y, x) uint8 channels of the volume sidecar's ``structures_file``, their names and
     ``annotated`` flags; InputError when missing, not binary or not on the CT's grid."""
-    import nrrd
-
     path = Path(sidecar.get("structures_file") or "")
     entries = sidecar.get("structures") or []
     if not entries or not path.is_file():
         raise InputError(case, path if str(path) != "." else sidecar.get("volume", ""),
                          "no structures file (structures.nrrd) or no structures list in the volume sidecar: "
                          "the task needs convert's per-structure channels")
-    array, header = nrrd.read(str(path), index_order="C")
+    array, header = read_channels(path)
     expected = (len(entries), *reversed([int(s) for s in ct.GetSize()]))
     if array.ndim != 4 or tuple(array.shape) != expected:
         raise InputError(case, path, f"structures array has shape {tuple(array.shape)}, expected {expected} "
@@ -232,11 +243,9 @@ def preprocess_case(case: str, volume_sidecar: str | Path, fingerprint_json: str
 def read_reference(volume_sidecar_path: str | Path):
     """A case's (C, z, y, x) boolean reference channels (convert's structures.nrrd), their names and
     annotated flags, and its spacing (z, y, x, mm), from its volume sidecar."""
-    import nrrd
-
     sidecar = read_sidecar(volume_sidecar_path)
     entries = sorted(sidecar["structures"], key=lambda e: int(e["channel"]))
-    ref, _ = nrrd.read(sidecar["structures_file"], index_order="C")
+    ref, _ = read_channels(sidecar["structures_file"])
     return (ref.astype(bool), [e["name"] for e in entries], [bool(e["annotated"]) for e in entries],
             list(reversed([float(s) for s in sidecar["spacing"]])))
 
