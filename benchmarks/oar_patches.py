@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--big-patch", type=int, default=128, help="side of the cubic DynUNet step patch")
     parser.add_argument("--big-batch", type=int, default=2)
+    parser.add_argument("--big-steps", type=int, default=2, help="timed DynUNet steps at --big-patch")
+    parser.add_argument("--big-warmup", type=int, default=1)
     parser.add_argument("--no-big", action="store_true", help="skip the DynUNet step at --big-patch")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--tiny", action="store_true", help="smoke test size")
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.cases, args.shape, args.structures, args.patch = 2, [24, 40, 40], 3, [16, 16, 16]
         args.patches, args.steps, args.filters, args.big_patch, args.big_batch = 6, 1, 4, 16, 1
+        args.big_steps = 1
 
     import torch
 
@@ -166,17 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         items, loader = time_loader(volumes, args.patch, args.patches, intensity, args.seed)
         step = time_steps(args.model, plan, items, args.batch, args.steps, args.warmup, device, args.filters)
         result: dict[str, Any] = {
-            "benchmark": "oar_patches", "machine": benchutil.finish_info(info), "device": device.type,
+            "benchmark": "oar_patches", "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else benchutil.cpu_model(),
             "settings": vars(args), "loader_one_worker": loader, "step": step,
             "ratio_loader_over_step": loader["patches_per_s"] / step["patches_per_s"],
         }
+        # written now too: the step at the big patch can take many minutes on a loaded CPU
+        benchutil.write_result("oar_patches", {**result, "machine": benchutil.finish_info(dict(info))}, args.out)
         if not args.no_big:
             big = [args.big_patch] * 3
-            big_items, _ = time_loader(volumes, big, args.big_batch * (args.steps + args.warmup), intensity,
-                                       args.seed)
+            big_items, _ = time_loader(volumes, big, args.big_batch * (args.big_steps + args.big_warmup),
+                                       intensity, args.seed)
             result["dynunet_big_patch"] = time_steps("dynunet", {**plan, "patch_size": big}, big_items,
-                                                     args.big_batch, args.steps, args.warmup, device, args.filters)
+                                                     args.big_batch, args.big_steps, args.big_warmup, device,
+                                                     args.filters)
+        result["machine"] = benchutil.finish_info(info)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [{"what": f"loader (1 worker, patch {'x'.join(map(str, args.patch))})",
