@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -119,7 +120,7 @@ def time_steps(model_name: str, plan: dict[str, Any], items, batch: int, steps: 
             torch.cuda.synchronize(device)
         if n >= warmup:
             times.append(time.perf_counter() - started)
-    step = sorted(times)[len(times) // 2]
+    step = statistics.median(times)
     result = {"model": model_name, "patch": plan["patch_size"], "batch": batch, "steps": steps,
               "median_step_s": step, "patches_per_s": batch / step,
               "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
