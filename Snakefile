@@ -20,10 +20,12 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/crop.smk"
 include: "workflow/rules/slices.smk"
 include: "workflow/rules/folds.smk"
+include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/exclusions.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/report_structures.smk"
 
 
 # On a cluster (profiles/slurm) the cheap whole-cohort rules (the cohort table, folds, fold slice

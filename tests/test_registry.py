@@ -39,7 +39,7 @@ def test_schema_and_configs_name_registered_tasks_and_models():
 
 
 def test_unknown_names_are_refused_naming_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown task 'detect'; registered: classify, segment"):
+    with pytest.raises(ValueError, match="unknown task 'detect'; registered: classify, oar, segment"):
         htasks.get_task("detect")
     with pytest.raises(ValueError, match=r"unknown segment model 'cnn3d'; registered: snet, unet"):
         hmodels.build_model("segment", "cnn3d", {})

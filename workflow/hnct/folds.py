@@ -192,10 +192,32 @@ def _balance_score(fold_of: np.ndarray, labels: np.ndarray, n_folds: int) -> tup
     return round(worst, 9), max(sizes) - min(sizes)
 
 
+def group_folds(table: pd.DataFrame, n_folds: int, seed: int, task: str = "task") -> np.ndarray:
+    """Fold number of every row for a task that is not stratified (registry: ``stratified``):
+    GroupKFold by patient, shuffled with ``seed``."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = table["patient"].to_numpy(str)
+    n_patients = len(set(groups))
+    if n_patients < n_folds:
+        raise FoldError(f"task {task}: {n_patients} usable patient(s) cannot fill {n_folds} folds "
+                        "(folds.n_folds); add cases or lower folds.n_folds")
+    fold_of = np.full(len(table), -1)
+    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=int(seed))
+    for k, (_, val_index) in enumerate(splitter.split(np.zeros(len(table)), groups=groups)):
+        fold_of[val_index] = k
+    return fold_of
+
+
 def assign_folds(table: pd.DataFrame, n_folds: int, seed: int, task: str = "task") -> np.ndarray:
-    """Fold number (0..n_folds-1) of every row: StratifiedGroupKFold by patient, the best of N_SHUFFLES."""
+    """Fold number (0..n_folds-1) of every row: StratifiedGroupKFold by patient, the best of N_SHUFFLES
+    (:func:`group_folds` for a task that is not stratified)."""
     if n_folds < 2:
         raise FoldError(f"task {task}: folds.n_folds must be at least 2, not {n_folds}")
+    from hnct.tasks import TASKS
+
+    if task in TASKS and not TASKS[task].stratified:
+        return group_folds(table, n_folds, seed, task)
     labels = table["label"].to_numpy(int)
     groups = table["patient"].to_numpy(str)
     supported = supported_folds(table)

@@ -95,11 +95,17 @@ def get_slice_structure():
 
 
 def cli_options(options):
-    """``--name value`` pairs (each value shell-quoted) from a task's option dict."""
+    """``--name value`` pairs (each value shell-quoted; a list gives its items) from a task's option dict."""
     import shlex
 
     return " ".join(
-        f"--{name} {shlex.quote(str(value))}" for name, value in options.items()
+        f"--{name} "
+        + (
+            " ".join(shlex.quote(str(v)) for v in value)
+            if isinstance(value, (list, tuple))
+            else shlex.quote(str(value))
+        )
+        for name, value in options.items()
     )
 
 
@@ -146,6 +152,10 @@ def models_for(task):
 # slice-based task exports no slices.
 CASE_SIDECARS = sorted({TASK[task].fold_sidecars for task in TASKS}) or [
     "results/slices/{case}.json"
+]
+# Tasks that preprocess whole volumes (registry: plan): their per-case sidecars too.
+CASE_SIDECARS += [
+    f"results/preprocess/{task}/{{case}}.json" for task in TASKS if TASK[task].plan
 ]
 
 
@@ -232,6 +242,19 @@ def report_per_case_files(wildcards):
     )
 
 
+def get_structures_per_case(wildcards):
+    """Per-case, per-structure metrics of one task of report_kind structures (report_structures)."""
+    return report_files(
+        "results/evaluate/{task}/{model}/fold{fold}/per_case.csv", [wildcards.task]
+    )
+
+
+def get_structures_predictions(wildcards):
+    return report_files(
+        "results/train/{task}/{model}/fold{fold}/val_predictions.csv", [wildcards.task]
+    )
+
+
 def report_crop_sidecars(wildcards):
     return expand("results/crops/{case}.json", case=CASES)
 
@@ -243,6 +266,16 @@ FIGURES = [
     "training_curves",
     "segmentation_boxplots",
 ]
+
+
+# The per-structure report of each task of report_kind "structures" (workflow/rules/report_structures.smk).
+STRUCTURES_REPORT = (
+    "table.csv",
+    "table.md",
+    "boxplots.png",
+    "dice_heatmap.png",
+    "overlays.png",
+)
 
 
 def get_report_outputs():
@@ -264,6 +297,11 @@ def get_report_outputs():
             else []
         )
         + shortcuts
+        + expand(
+            "results/report/structures/{task}/{name}",
+            task=tasks_of_kind("structures"),
+            name=STRUCTURES_REPORT,
+        )
     )
 
 
@@ -355,6 +393,24 @@ def get_task_code(wildcards):
 
 def get_evaluate_mem_mb(wildcards):
     return TASK[wildcards.task].evaluate_mem_mb
+
+
+# --- whole-volume preprocessing inputs (workflow/rules/preprocess.smk) ---
+
+
+def get_preprocess_options(step):
+    """A params function: the task's options of preprocessing ``step`` (registry: preprocess_options)."""
+
+    def options(wildcards):
+        return cli_options(TASK[wildcards.task].preprocess_options(config)[step])
+
+    return options
+
+
+def get_preprocess_sidecars(wildcards):
+    return expand(
+        "results/preprocess/{task}/{case}.json", task=wildcards.task, case=CASES
+    )
 
 
 # --- fold inputs (workflow/rules/folds.smk) ---

@@ -9,7 +9,8 @@ default is the schema's (config/schema.yaml, or a plugin task's ``config_schema`
 
 Built-in families: :mod:`hnct.models.cnn3d` (classify), :mod:`hnct.models.monai_nets` (MONAI's 3D
 ResNets and DenseNet121 for classify, the 2D BasicUNet for segment), :mod:`hnct.models.snet`
-(segment). A plugin module (config ``plugins``) registers more with the same decorator.
+(segment), :mod:`hnct.models.oar_nets` (oar: DynUNet, SegResNet). A plugin module (config
+``plugins``) registers more with the same decorator.
 """
 
 from __future__ import annotations
@@ -89,4 +90,4 @@ def load_plugins(modules: Iterable[str]) -> None:
         importlib.import_module(module)
 
 
-from hnct.models import cnn3d, monai_nets, snet  # noqa: E402,F401  (register the built-in models)
+from hnct.models import cnn3d, monai_nets, oar_nets, snet  # noqa: E402,F401  (register the built-in models)

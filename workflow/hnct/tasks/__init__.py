@@ -15,8 +15,15 @@ workflow (read at parse time by workflow/rules/common.smk; nothing here imports 
     ``slice_structure``   ``(config) -> name or None``: the structure whose voxels make an exported
                           slice ``positive`` (rule export_slices), for a task that trains on slices
     ``test_ensemble``     True when its folds' test-set predictions are ensembled (rule ensemble_test)
-    ``report_kind``       ``classification`` or ``segmentation``: the tables and figures it adds
-                          to the report (ROC/PR, confusion and calibration; per-case box plots)
+    ``stratified``        False when its folds are grouped by patient but not stratified by the label
+                          (a segmentation task whose label only describes the case): GroupKFold
+    ``plan``              True when it trains on whole volumes preprocessed as nnU-Net does (rules
+                          fingerprint_task, preprocess_case, plan_fold in workflow/rules/preprocess.smk,
+                          :mod:`hnct.preprocess`); ``preprocess_options(config)`` then gives
+                          ``{"fingerprint" | "case" | "plan": {option: value}}``, each step's options
+    ``report_kind``       ``classification``, ``segmentation`` or ``structures``: the tables and
+                          figures it adds to the report (ROC/PR, confusion and calibration; per-case
+                          box plots; per-structure tables, box plots, heat map and overlays)
     ``modules``           hnct modules its jobs run besides train/evaluate (hashed into code_version)
 folds    ``case_label(case, row, sidecar_path, sidecar, cohort_file, options)``
 training ``prepare(cfg, fold, inputs)`` -> a run object (datasets and augmentation, loss, validation
@@ -48,7 +55,7 @@ early stopping and no scheduler step; the last epoch's model predicts.
 evaluate ``evaluate_main(argv)``: the ``python -m hnct.evaluate --task <name>`` command
 report   ``report_kind`` (above) and ``report_title``, the heading of its tables
 
-Built-in tasks: :mod:`hnct.tasks.classify` and :mod:`hnct.tasks.segment`. Plugin modules (config
+Built-in tasks: :mod:`hnct.tasks.classify`, :mod:`hnct.tasks.segment` and :mod:`hnct.tasks.oar`. Plugin modules (config
 ``plugins``, importable module names) register more tasks and models the same way; every hnct
 command that needs the registry takes ``--plugins``.
 """
@@ -78,6 +85,8 @@ class Task:
     evaluate_inputs: ClassVar[dict[str, str]] = {}
     evaluate_mem_mb: ClassVar[int] = 1000
     test_ensemble: ClassVar[bool] = False
+    stratified: ClassVar[bool] = True
+    plan: ClassVar[bool] = False
     modules: ClassVar[tuple[str, ...]] = ()
     metric_name: ClassVar[str] = ""
     # what the caption says the epoch is selected on, and what else the inner validation chooses
@@ -102,6 +111,10 @@ class Task:
     @classmethod
     def slice_structure(cls, config: dict[str, Any]) -> str | None:
         return None
+
+    @classmethod
+    def preprocess_options(cls, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {"fingerprint": {}, "case": {}, "plan": {}}
 
     # ---- folds
     @classmethod
@@ -277,4 +290,4 @@ def selection_caption(task: str, config: dict[str, Any]) -> str:
 
 import importlib.util  # noqa: E402
 
-from hnct.tasks import classify, segment  # noqa: E402,F401  (register the built-in tasks)
+from hnct.tasks import classify, oar, segment  # noqa: E402,F401  (register the built-in tasks)
