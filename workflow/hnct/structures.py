@@ -223,7 +223,7 @@ def write_structures(channels: np.ndarray, geometry: dict[str, Any], path: str |
     LPS grid (``origin``, ``spacing``, ``direction`` as ITK gives them), gzip, atomically."""
     import nrrd
 
-    from hnct.convert import blank_write_time_in_file
+    from hnct.nrrdio import blank_write_time_in_file
 
     axes = np.reshape(np.asarray(geometry["direction"], dtype=float), (3, 3)) * np.asarray(geometry["spacing"])
     header = {

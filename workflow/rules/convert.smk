@@ -54,7 +54,7 @@ rule convert_series:
         max_spacing_spread=config["convert"]["max_spacing_spread"],
         max_slice_gap_mm=config["convert"]["max_slice_gap_mm"],
         slice_step_mm=config["convert"]["slice_step_mm"],
-        code=code_version("convert", "dicomio", "seg", "structures"),
+        code=code_version("convert", "nrrdio", "dicomio", "seg", "structures"),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --series-uid {params.series_uid:q} --upstream {params.upstream:q}"

@@ -60,7 +60,7 @@ rule split_folds:
         test_fraction=config["folds"]["test_fraction"],
         options=get_fold_options,
         plugins=PLUGINS_ARG,
-        code=code_version("folds", "cohort", "tasks"),
+        code=code_version("folds", "splits", "cohort", "tasks"),
         task_code=get_task_code,
     shell:
         "python -m hnct.folds --log {log:q} split --task {wildcards.task} --cohort {input.cohort:q}"
@@ -90,7 +90,7 @@ rule list_fold_slices:
         mem_mb=2000,
         runtime=10,
     params:
-        code=code_version("folds", "cohort"),
+        code=code_version("folds", "splits", "cohort"),
     shell:
         "python -m hnct.folds --log {log:q} slices --folds {input.folds:q} --sidecars {input.sidecars:q}"
         " --out {output.slices:q}"

@@ -40,7 +40,7 @@ rule train_fold:
         config=get_train_config,
         inputs=get_train_options,
         plugins=PLUGINS_ARG,
-        code=code_version("train", "data", "losses", "folds", "tasks", "models"),
+        code=code_version("train", "data", "losses", "splits", "tasks", "models"),
         task_code=get_train_code,
     shell:
         "python -m hnct.train --task {wildcards.task} --model {wildcards.model} --fold {wildcards.fold}"

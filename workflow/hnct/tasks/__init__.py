@@ -34,7 +34,7 @@ training ``prepare(cfg, fold, inputs)`` -> a run object (datasets and augmentati
 
 Model selection never sees the reported data (``train.selection``, shared by every task):
 ``inner`` (default): ``prepare`` holds :func:`inner_rows` of the outer fold's training side out of
-training (patient-grouped, stratified: :func:`hnct.folds.inner_split`). The run object the trainer
+training (patient-grouped, stratified: :func:`hnct.splits.inner_split`). The run object the trainer
 drives (hnct.train) then has
 
 * ``cases``: ``{"train", "inner", "val", "test"}`` case IDs (``val`` = the outer fold);
@@ -184,7 +184,7 @@ def add_plugins_argument(parser) -> None:
 # The hnct modules that define every training run; with the task's and the model's own modules
 # (training_modules) they are what the trainer's checkpoint fingerprint and the train rule's
 # code_version hash: both call code_hash on the same list.
-TRAINER_MODULES = ("train", "data", "losses", "folds")
+TRAINER_MODULES = ("train", "data", "losses", "splits")
 
 
 def _package_root():
@@ -258,12 +258,12 @@ SELECTION_MODES = ("inner", "fixed")
 
 def inner_rows(cfg: dict[str, Any], rows, where: str, required_labels: tuple[int, ...] = (0, 1)):
     """Boolean mask of the inner-validation rows (``case, patient, label``) of an outer fold's
-    training side: :func:`hnct.folds.inner_split` with ``train.inner_folds`` and ``train.seed`` for
+    training side: :func:`hnct.splits.inner_split` with ``train.inner_folds`` and ``train.seed`` for
     ``train.selection: inner`` (both sides hold ``required_labels``: the task's
     ``inner_required_labels``); all False for ``fixed``. ``where`` names the fold in errors."""
     import numpy as np
 
-    from hnct.folds import inner_split
+    from hnct.splits import inner_split
 
     if cfg["selection"] not in SELECTION_MODES:
         raise ValueError(f"train.selection must be one of {', '.join(SELECTION_MODES)}, not {cfg['selection']!r}")

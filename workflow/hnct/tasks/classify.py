@@ -4,7 +4,7 @@ Labels: the cohort's ``label_t4`` (empty: excluded, "no T-stage label"); usable 
 crop sidecar is ok, so the folds read the crop sidecars (never the slices). Training: focal loss with
 per-class weights, Adam or AdamW (``train.classify.optimizer``), no schedule. With ``train.selection:
 inner`` an inner, patient-grouped, stratified split of the outer fold's training side
-(:func:`hnct.folds.inner_split`) is held out of training, and the epoch is selected on its macro-F1
+(:func:`hnct.splits.inner_split`) is held out of training, and the epoch is selected on its macro-F1
 (ties: the lower inner loss); the outer validation fold is predicted once, by the selected model.
 Predictions: ``case, label, probability, fold`` (P(T4)) of the outer validation, the inner validation
 (``inner_predictions.csv``: the Youden threshold is chosen there, :mod:`hnct.evaluate`) and the held-out

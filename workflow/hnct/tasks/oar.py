@@ -58,7 +58,7 @@ class Oar(Task):
     plan = True
     train_inputs = {"plan": PREPROCESS_DIR + "/fold{fold}/plan.json"}
     evaluate_mem_mb = 4000
-    modules = ("tasks.oar", "preprocess", "metrics.structures", "convert")
+    modules = ("tasks.oar", "preprocess", "metrics.structures", "nrrdio")
     metric_name = "inner_dice"
     selection_metric = "mean Dice over annotated structures at 0.5 (ties: the lower loss)"
     # Dice needs no class on either side (the fold label only marks fully annotated cases)
@@ -423,7 +423,7 @@ def write_case_prediction(prob, sidecar: dict[str, Any], structures: list[str], 
     import numpy as np
 
     from hnct.common import fresh_dir
-    from hnct.convert import write_nrrd
+    from hnct.nrrdio import write_nrrd
 
     masks = to_ct_grid(prob, sidecar) >= 0.5
     label = np.zeros(masks.shape[1:], dtype=np.uint8)

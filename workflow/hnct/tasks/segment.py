@@ -4,7 +4,7 @@ Labels: a case is positive (node-positive) when any slice of its slice index has
 structure; a case without a label map is excluded. Folds read the slices sidecars and also write
 per-fold slice lists. Training: hnct.losses.snet_loss, every positive slice plus an equal draw of
 negatives per epoch, AdamW. With ``train.selection: inner`` the cases of an inner, patient-grouped
-split of the outer fold's training side (stratified by node status, :func:`hnct.folds.inner_split`;
+split of the outer fold's training side (stratified by node status, :func:`hnct.splits.inner_split`;
 the slice list's ``patient`` column) are held out of training: ReduceLROnPlateau and model selection
 read their Dice (ties: the lower inner loss), and the outer fold is predicted once, by the selected
 model. Inner Dice is pooled over all inner slices (2·Σ|P∩T| / (Σ|P| + Σ|T|), threshold 0.5; 1 when no
