@@ -319,12 +319,16 @@ def convert_available() -> bool:
 
 def convert_argv(args: dict[str, Any]) -> list[str]:
     """The command line the convert rule runs (see workflow/rules/convert.smk)."""
+    labels = args.get("labels", "rtstruct")
+    # the mask folder only as the label source itself: beside an RTSTRUCT it is a second source, and a
+    # structure in both is bad input
+    masks = ["--mask-dir", "labels"] if labels == "nrrd" else []
     return [
         "--case", args["case"], "--dicom-dir", args["case_dir"],
         "--volume", f"results/volumes/{args['case']}.nrrd",
         "--label", f"results/labels/{args['case']}.nrrd",
         "--sidecar", f"results/volumes/{args['case']}.json",
-        "--labels", args.get("labels", "rtstruct"), "--mask-dir", "labels",
+        "--labels", labels, *masks,
         "--structures", "Larynx", "GTVp", "GTVn",
     ]
 
