@@ -42,6 +42,9 @@ SMALL = {
     "folds": {"n_folds": 2},
     "tasks": ["classify", "segment"],
     "models": {"classify": ["cnn3d"], "segment": ["unet"]},
+    # labels from the DICOM alone: the NBIA server serves DICOM series, not the demo's HaN-Seg-style
+    # mask folders beside them, so the local run must not read them either
+    "convert": {"mask_dir": "", "annotation_table": ""},
     # one epoch on a fold's 3 training cases: nothing to select on (an inner split needs more patients)
     "train": {"selection": "fixed", "classify": {"epochs": 1, "input_shape": [16, 16, 16], "cnn3d_channels": [4]},
               "segment": {"epochs": 1, "input_size": 32, "unet_features": [4, 4, 4, 4, 4, 4]}},
