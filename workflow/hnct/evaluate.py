@@ -56,7 +56,7 @@ import pandas as pd
 from hnct.common import atomic_path, setup_logging, write_json
 from hnct.metrics import json_safe
 from hnct.metrics.classification import DEFAULT_THRESHOLD, check_inputs, evaluate_predictions, youden_threshold
-from hnct.tasks import add_plugins_argument, get_task, load_plugins
+from hnct.tasks import add_plugins_argument, evaluate_fold_parser, get_task, load_plugins
 from hnct.tasks.classify import Classify
 
 log = logging.getLogger("hnct.evaluate")
@@ -277,18 +277,12 @@ def ensemble_main(argv: list[str]) -> int:
 
 def classify_main(argv: list[str]) -> int:
     """``--task classify`` (the classify task's ``evaluate_main``): metrics of one fold's predictions."""
-    parser = argparse.ArgumentParser(prog="hnct evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default=Classify.name)
-    parser.add_argument("--predictions", required=True, help="val_predictions.csv (case, label, probability, fold)")
-    parser.add_argument("--out-metrics", required=True, help="metrics.json")
-    parser.add_argument("--out-per-case", required=True, help="per_case.csv")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--fold", required=True, type=int)
+    parser = evaluate_fold_parser("hnct evaluate", Classify.name, "val_predictions.csv (case, label, probability, fold)",
+                                  __doc__.split("\n\n")[0])
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="default P(T4) threshold")
     parser.add_argument("--inner-predictions",
                         help="inner_predictions.csv of the same model: the Youden threshold is chosen there "
                              "(without it, no Youden threshold is reported)")
-    parser.add_argument("--log", help="log file (also logged to stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
     try:

@@ -31,7 +31,6 @@ CLI: ``python -m hnct.segeval --predictions ... --fold-slices ... --slices-dir r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -46,6 +45,7 @@ from hnct.common import (InputError, atomic_path, progress, read_image, read_jso
 from hnct.common import structure_values as common_structure_values
 from hnct.metrics import json_safe
 from hnct.metrics import segmentation as segm
+from hnct.tasks import evaluate_fold_parser
 from hnct.tasks.segment import Segment
 
 log = logging.getLogger(__name__)
@@ -225,23 +225,17 @@ def evaluate_segment(predictions: str | Path, fold_slices: str | Path, out_metri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hnct segeval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default=Segment.name, help="the segmentation task (default segment)")
-    parser.add_argument("--predictions", required=True, help="val_predictions.csv (case, slice, prob_npz, fold)")
+    parser = evaluate_fold_parser("hnct segeval", Segment.name, "val_predictions.csv (case, slice, prob_npz, fold)",
+                                  __doc__.split("\n\n")[0])
     parser.add_argument("--fold-slices", required=True, help="results/folds/segment/fold{k}_slices.tsv")
-    parser.add_argument("--out-metrics", required=True, help="metrics.json")
-    parser.add_argument("--out-per-case", required=True, help="per_case.csv")
     parser.add_argument("--masks-dir", required=True, help="folder for masks/{case}.nrrd")
     parser.add_argument("--slices-dir", required=True, help="folder of the slices sidecars {case}.json")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--fold", required=True, type=int)
     # No defaults here: the schema's (evaluate.*) reach this through the task's evaluate options.
     parser.add_argument("--nsd-tolerance-mm", type=float, required=True, help="surface Dice tolerance, mm")
     parser.add_argument("--threshold", type=float, required=True, help="probability threshold of the masks")
     parser.add_argument("--detection-iou", type=float, required=True,
                         help="IoU at which a predicted component matches a true one")
     parser.add_argument("--structure", default=None, help="structure name (default: the slices sidecar's)")
-    parser.add_argument("--log", help="log file (also logged to stderr)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
     try:

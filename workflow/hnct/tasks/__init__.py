@@ -175,6 +175,23 @@ def load_plugins(modules: Iterable[str]) -> None:
             importlib.import_module(module)
 
 
+def evaluate_fold_parser(prog: str, task: str | None, predictions_help: str, description: str | None = None):
+    """An argument parser with the options rule ``evaluate_fold`` passes every task's
+    ``evaluate_main`` (``--task --predictions --out-metrics --out-per-case --model --fold --log``);
+    ``task``: the default of ``--task`` (None: required). The task adds its own options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--task", default=task, required=task is None)
+    parser.add_argument("--predictions", required=True, help=predictions_help)
+    parser.add_argument("--out-metrics", required=True, help="metrics.json")
+    parser.add_argument("--out-per-case", required=True, help="per_case.csv")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--fold", required=True, type=int)
+    parser.add_argument("--log", help="log file (also logged to stderr)")
+    return parser
+
+
 def add_plugins_argument(parser) -> None:
     """``--plugins MODULE ...``: what every registry-driven command takes (config ``plugins``)."""
     parser.add_argument("--plugins", nargs="*", default=[],

@@ -33,13 +33,12 @@ case; unknown structures listed as not annotated, not scored).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from hnct.tasks import Task, register_task
+from hnct.tasks import Task, evaluate_fold_parser, register_task
 
 log = logging.getLogger("hnct.train")
 
@@ -135,16 +134,10 @@ class Oar(Task):
     # ---- evaluate
     @classmethod
     def evaluate_main(cls, argv):
-        parser = argparse.ArgumentParser(prog="hnct evaluate --task oar")
-        parser.add_argument("--task", required=True)
-        parser.add_argument("--predictions", required=True)
-        parser.add_argument("--out-metrics", required=True)
-        parser.add_argument("--out-per-case", required=True)
-        parser.add_argument("--model", required=True)
-        parser.add_argument("--fold", type=int, required=True)
+        parser = evaluate_fold_parser(f"hnct evaluate --task {cls.name}", None,
+                                      "val_predictions.csv (case, fold, split, ..., label_nrrd, masks_dir)")
         parser.add_argument("--nsd-tolerances", nargs="*", default=[], help="NAME=MM per structure")
         parser.add_argument("--nsd-tolerance-mm", type=float, required=True, help="structures not listed")
-        parser.add_argument("--log")
         args = parser.parse_args(argv)
         from hnct.common import setup_logging
 
