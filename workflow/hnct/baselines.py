@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from hnct import report
-from hnct.common import InputError, read_json, setup_logging
+from hnct.common import InputError, exit_status, read_json, setup_logging
 from hnct.tasks import add_plugins_argument, get_task, load_plugins
 
 log = logging.getLogger("hnct.baselines")
@@ -265,12 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     load_plugins(args.plugins)
     outputs = {key: getattr(args, f"out_{key}") for key in OUT_FILES if getattr(args, f"out_{key}")}
-    try:
-        run(args.folds, args.volume_sidecars, args.predictions, args.out_dir, args.bootstrap, args.seed, outputs)
-    except InputError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return exit_status(lambda: run(args.folds, args.volume_sidecars, args.predictions, args.out_dir,
+                                   args.bootstrap, args.seed, outputs), log)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,17 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     )
 
 
+def exit_status(run: Callable[[], Any], logger: logging.Logger = log) -> int:
+    """A whole-cohort command's exit status: 0 when ``run()`` returns, 1 (the error logged, no
+    traceback) when it raises InputError. Per-case stages go through run_case_stage instead."""
+    try:
+        run()
+    except InputError as err:
+        logger.error("%s", err)
+        return 1
+    return 0
+
+
 def progress(iterable, total: int | None = None, every: int = 50, what: str = "items"):
     """Yield from ``iterable`` logging ``done/total`` every ``every`` items (long loops show progress)."""
     total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)

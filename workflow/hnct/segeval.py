@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from hnct.common import (InputError, atomic_path, progress, read_image, read_json, setup_logging,
+from hnct.common import (InputError, exit_status, atomic_path, progress, read_image, read_json, setup_logging,
                          software_versions, write_json)
 from hnct.common import structure_values as common_structure_values
 from hnct.metrics import json_safe
@@ -238,14 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structure", default=None, help="structure name (default: the slices sidecar's)")
     args = parser.parse_args(argv)
     setup_logging(args.log)
-    try:
-        evaluate_segment(args.predictions, args.fold_slices, args.out_metrics, args.out_per_case, args.masks_dir,
-                         args.model, args.fold, args.slices_dir, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
-                         detection_iou=args.detection_iou, structure=args.structure, task=args.task)
-    except InputError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return exit_status(lambda: evaluate_segment(
+        args.predictions, args.fold_slices, args.out_metrics, args.out_per_case, args.masks_dir, args.model,
+        args.fold, args.slices_dir, nsd_tolerance_mm=args.nsd_tolerance_mm, threshold=args.threshold,
+        detection_iou=args.detection_iou, structure=args.structure, task=args.task), log)
 
 
 if __name__ == "__main__":
