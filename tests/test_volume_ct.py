@@ -320,6 +320,13 @@ def snakemake(workdir: Path, configs: list[Path], *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def structure_names_given(text: str) -> dict:
+    """The --structure-names of the convert commands printed (--printshellcmds), one for all."""
+    given = {json.dumps(json.loads(m), sort_keys=True) for m in re.findall(r"--structure-names '([^']*)'", text)}
+    assert len(given) == 1, given
+    return json.loads(given.pop())
+
+
 def planned_convert_cases(text: str) -> list[str]:
     return sorted(re.findall(r"rule convert_series:.*?wildcards: case=(\S+)", text, re.S))
 
@@ -339,7 +346,9 @@ def test_workflow_converts_a_hanseg_release_and_an_edited_mask_reruns_its_case_o
     }))
     configs = [REPO / "config" / "config.yaml", REPO / "config" / "hanseg.yaml", local]
     targets = ["results/volumes/case_01", "results/volumes/case_02"]
-    snakemake(work, configs, *targets)
+    printed = snakemake(work, configs, *targets, "--printshellcmds")
+    # config.yaml's (the demo's) structure names do not leak into hanseg.yaml's (common.smk)
+    assert structure_names_given(printed) == hanseg_yaml["convert"]["structure_names"]
     for case, (hu, masks) in written.items():
         sidecar = json.loads((work / "results" / "volumes" / f"{case}.json").read_text())
         assert sidecar["status"] == "ok", sidecar
@@ -351,6 +360,12 @@ def test_workflow_converts_a_hanseg_release_and_an_edited_mask_reruns_its_case_o
         np.testing.assert_array_equal(channels[structures.index("SpinalCord")], masks["SpinalCord"])
     assert "Nothing to be done" in snakemake(work, configs, *targets, "--dry-run")
 
+    # A later file that gives only names adds them to hanseg.yaml's (convert reruns for them).
+    names = work / "names.yaml"
+    names.write_text(yaml.safe_dump({"convert": {"structure_names": {"SpinalCord": ["cord"]}}}))
+    printed = snakemake(work, [*configs, names], *targets, "--dry-run", "--printshellcmds")
+    assert structure_names_given(printed) == {**hanseg_yaml["convert"]["structure_names"], "SpinalCord": ["cord"]}
+    assert planned_convert_cases(printed) == ["case_01", "case_02"]
     # Edited files (Snakemake compares a small input's checksum, so a bare touch would not count):
     # a mask of case_02 reruns case_02's convert only; the MR beside case_01's CT is no input of
     # convert; case_01's CT reruns case_01's.

@@ -26,12 +26,14 @@ hnct.common.prepare_job_environment(HNCT_DIR)
 
 
 def structure_names_of_last_structures():
-    """convert.structure_names of the last command-line config file that sets convert.structures
-    ({} where it gives none), or None when none sets them.
+    """convert.structure_names as the command-line config files give them, where one sets
+    convert.structures (None where none does: Snakemake's own merge stands).
 
-    The names belong to that structure list, which a later config file replaces whole; Snakemake
-    merges mappings key by key, so without this the demo's names (config/config.yaml) would leak
-    into a cohort config's (config/hanseg.yaml) and name structures its list does not have.
+    The names belong to a structure list, which a later config file replaces whole; Snakemake
+    merges mappings key by key, so the demo's names (config/config.yaml) would leak into a cohort
+    config's (config/hanseg.yaml) and name structures its list does not have. So the last file that
+    sets structures starts the names afresh (its own, or none), and files after it that give only
+    names add theirs key by key, as Snakemake does.
     """
     from snakemake.common.configfile import load_configfile
 
@@ -39,7 +41,9 @@ def structure_names_of_last_structures():
     for path in workflow.overwrite_configfiles or []:
         section = (load_configfile(path) or {}).get("convert") or {}
         if "structures" in section:
-            names = section.get("structure_names") or {}
+            names = dict(section.get("structure_names") or {})
+        elif names is not None:
+            names.update(section.get("structure_names") or {})
     return names
 
 
