@@ -331,6 +331,8 @@ def planned_convert_cases(text: str) -> list[str]:
     return sorted(re.findall(r"rule convert_series:.*?wildcards: case=(\S+)", text, re.S))
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_workflow_converts_a_hanseg_release_and_an_edited_mask_reruns_its_case_only(hanseg, tmp_path):
     set_1, written = hanseg
     work = tmp_path / "work"
@@ -376,3 +378,41 @@ def test_workflow_converts_a_hanseg_release_and_an_edited_mask_reruns_its_case_o
     assert planned_convert_cases(snakemake(work, configs, *targets, "--dry-run")) == ["case_02"]
     sitk.WriteImage(on_grid(ct_array(42)), str(set_1 / "case_01" / "case_01_IMG_CT.nrrd"))
     assert planned_convert_cases(snakemake(work, configs, *targets, "--dry-run")) == ["case_01", "case_02"]
+
+
+def dicom_volume(testdata_dir: Path, folder: str, out: Path) -> sitk.Image:
+    """The volume.nrrd convert's DICOM path makes of a real test-data folder."""
+    done = convert_case("C", testdata_dir / "rt-utils" / folder, out / "C" / "volume.nrrd", None, out / "C.json",
+                        labels="none", out_dir=out / "C")
+    assert done["status"] == "ok", done
+    return sitk.ReadImage(str(out / "C" / "volume.nrrd"))
+
+
+def convert_file(ct_file: Path, out: Path) -> dict:
+    return convert_case("C", "", out / "C" / "volume.nrrd", None, out / "C.json", labels="none", out_dir=out / "C",
+                        ct_file=ct_file, ct_rounding_tolerance_hu=TOLERANCE_HU)
+
+
+@pytest.mark.parametrize("name", ["case_IMG_CT.nrrd", "image.nii.gz"])
+def test_a_real_ct_as_a_volume_file_converts_as_its_dicom_does(testdata_dir, tmp_path, name):
+    """rt-utils' mock_data (a real CT, two 512 x 512 slices) through convert's DICOM path, its
+    volume.nrrd saved as a release would ship it, then through the volume-file path: the same HU
+    and grid (NIfTI: to its float32 affine)."""
+    from_dicom = dicom_volume(testdata_dir, "mock_data", tmp_path / "dicom")
+    sitk.WriteImage(from_dicom, str(tmp_path / name))
+    done = convert_file(tmp_path / name, tmp_path / "file")
+    assert done["status"] == "ok", done
+    from_file = sitk.ReadImage(str(tmp_path / "file" / "C" / "volume.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(from_file), sitk.GetArrayViewFromImage(from_dicom))
+    atol = 1e-4 if name.endswith(".nii.gz") else 1e-12
+    assert from_file.GetSize() == from_dicom.GetSize()
+    for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(from_file, what)(), getattr(from_dicom, what)(), rtol=0, atol=atol)
+
+
+def test_a_real_series_that_is_not_hu_is_excluded_as_a_volume_file(testdata_dir, tmp_path):
+    """rt-utils' oriented_data is labelled CT, but its values (slope 0.001) span about +-10: saved as
+    NIfTI it has no air, and the volume-file path says so (DICOM's rescale cannot be checked there)."""
+    sitk.WriteImage(dicom_volume(testdata_dir, "oriented_data", tmp_path / "dicom"), str(tmp_path / "image.nii.gz"))
+    done = convert_file(tmp_path / "image.nii.gz", tmp_path / "file")
+    assert done["status"] == "excluded" and "no voxel at air's HU" in done["reason"]

@@ -6,7 +6,6 @@
 import json
 import shlex
 
-
 # Only the label options of the configured label source reach the job (an unused param would
 # rerun every conversion when it changes): the structures and their names whenever there are
 # labels, the mask folder's options for mask labels or a mask folder beside the RTSTRUCT/SEG,
@@ -48,7 +47,9 @@ rule convert_series:
         ct=get_convert_ct_args,
         # A function: Snakemake would read the braces of a string (JSON, {dicom_dir}) as wildcards.
         labels=lambda wildcards: CONVERT_LABEL_ARGS,
-        code=code_version("convert", "nrrdio", "dicomio", "seg", "structures", "volume_ct"),
+        code=code_version(
+            "convert", "nrrdio", "dicomio", "seg", "structures", "volume_ct"
+        ),
     shell:
         "python -m hnct.convert --case {wildcards.case:q} --dicom-dir {params.dicom_dir:q}"
         " --upstream {params.upstream:q}"
