@@ -1,6 +1,7 @@
-# convert{case}: the chosen CT series as int16 HU NRRD + its structures (one channel each) and label
-# map as uint8 NRRDs (hnct.convert), in the case's folder results/volumes/{case}/ (empty for an
-# excluded case); the sidecar names them.
+# convert{case}: the chosen CT series (or the case's CT volume file, the cohort's ct_file) as int16
+# HU NRRD + its structures (one channel each) and label map as uint8 NRRDs (hnct.convert), in the
+# case's folder results/volumes/{case}/ (empty for an excluded case); the sidecar names them. Its
+# inputs are every file it reads for the case (common.smk: get_convert_inputs).
 
 
 import json
