@@ -194,6 +194,24 @@ def test_segrap_nifti_is_read_from_ras_into_the_lps_grid_it_was_written_from(tmp
     assert {"GTVp.nii.gz", "image.nii.gz", "image_contrast.nii.gz"} <= set(sidecar["unmatched_rois"])
 
 
+def test_an_nrrd_in_ras_space_is_read_into_lps(tmp_path):
+    """An NRRD may say ``space: right-anterior-superior`` (pynrrd writes it as told): ITK turns it
+    into LPS, x and y of the origin and axes negated."""
+    import nrrd
+
+    hu = ct_array(2)
+    ras_axes = np.diag([-1.0, -1.0, 1.0]) @ np.reshape(DIRECTION, (3, 3)) * SPACING  # columns: LPS axes -> RAS
+    ras_origin = np.array(ORIGIN) * [-1, -1, 1]
+    nrrd.write(str(tmp_path / "ct.nrrd"), hu, {"space": "right-anterior-superior", "space directions": ras_axes.T,
+                                               "space origin": ras_origin, "kinds": ["domain"] * 3},
+               index_order="C")
+    got, geometry, _ = volume_ct.read_ct_file("c1", tmp_path / "ct.nrrd", TOLERANCE_HU)
+    np.testing.assert_array_equal(got, hu)
+    np.testing.assert_allclose(geometry["origin"], ORIGIN, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(geometry["spacing"], SPACING, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(geometry["direction"], DIRECTION, rtol=0, atol=1e-12)
+
+
 def test_float_ct_within_tolerance_is_rounded_to_int16(tmp_path):
     hu = ct_array(5)
     path = tmp_path / "ct.nii.gz"

@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--label is required unless --labels none")
     if not (args.dicom_dir or args.ct_file):
         parser.error("give the CT: --dicom-dir (DICOM) or --ct-file (a volume file)")
+    if args.ct_file and args.ct_rounding_tolerance_hu is None:
+        parser.error("--ct-file needs --ct-rounding-tolerance-hu (config convert.ct_rounding_tolerance_hu)")
     # Snakemake renders an empty list parameter as an empty word: drop empty names.
     structures = [s for s in args.structures if s]
     required = [s for s in args.required_structures if s]
