@@ -137,7 +137,7 @@ def test_hanseg_layout_converts_to_hnct_ct_and_structures(hanseg, tmp_path):
     np.testing.assert_array_equal(header["space origin"], ORIGIN)
     assert sidecar["ct_source"] == "file" and sidecar["ct_file"] == str(ct_file)
     assert sidecar["ct_sha256"] == hashlib.sha256(ct_file.read_bytes()).hexdigest()
-    assert sidecar["ct_bytes"] == ct_file.stat().st_size
+    assert sidecar["ct_bytes"] == ct_file.stat().st_size and sidecar["ct_format"] == "NrrdImageIO"
     source = sitk.ReadImage(str(ct_file))
     assert sidecar["size"] == list(source.GetSize()) and sidecar["origin"] == list(source.GetOrigin())
     assert sidecar["spacing"] == list(source.GetSpacing()) and sidecar["direction"] == list(source.GetDirection())
@@ -219,7 +219,7 @@ def test_float_ct_within_tolerance_is_rounded_to_int16(tmp_path):
     got, geometry, provenance = volume_ct.read_ct_file("c1", path, TOLERANCE_HU)
     assert got.dtype == np.int16 and geometry["hu_clipped_voxels"] == 0
     np.testing.assert_array_equal(got, hu)
-    assert provenance["ct_pixel_type"] == "32-bit float"
+    assert provenance["ct_pixel_type"] == "32-bit float" and provenance["ct_format"] == "NiftiImageIO"
 
 
 def test_integer_ct_beyond_int16_is_clipped_and_counted(tmp_path):

@@ -92,7 +92,7 @@ def read_ct_file(case: str, path: str | os.PathLike,
         "ct_file": str(path),
         "ct_bytes": path.stat().st_size,
         "ct_sha256": sha256_of(path),
-        "ct_format": reader.GetImageIO(),
+        "ct_format": sitk.ImageFileReader.GetImageIOFromFileName(str(path)),
         "ct_pixel_type": image.GetPixelIDTypeAsString(),
     }
     return hu, geometry, provenance
