@@ -161,7 +161,7 @@ def get_case_ct_file(wildcards):
 
 def get_convert_inputs(wildcards):
     """Every file convert reads for one case, named: ``dicom`` (get_case_dicom), ``ct`` (the CT
-    volume file) and ``labels`` (the mask files and the annotation table), so that touching one
+    volume file) and ``labels`` (the mask files and the annotation table), so that an edited
     mask reruns that case's convert only. Only files that exist: a missing one is not a DAG error
     but bad input, which convert reports and excludes the case for."""
     ct_file = get_case_ct_file(wildcards)
