@@ -12,6 +12,9 @@ Columns (TSV, header required):
 ``label_t4``      1 = T4, 0 = not T4, empty = unknown (classification target).
 ``node_positive`` 1/0/empty: any lymph node labelled (segmentation stratification).
 ``split``         ``test`` for a fixed held-out test case, else empty (LaryngealCT keeps one).
+``ct_file``       the case's CT as one volume file (NRRD, NIfTI, MHA), relative to ``dicom_root``
+                  (optional; ``source: local`` only; convert then reads it instead of DICOM:
+                  :mod:`hnct.volume_ct`). ``python -m hnct.fetch index --layout`` writes it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 REQUIRED_COLUMNS = ("case", "patient", "collection")
-OPTIONAL_COLUMNS = ("dicom_dir", "series_uid", "t_stage", "label_t4", "node_positive", "split")
+OPTIONAL_COLUMNS = ("dicom_dir", "series_uid", "t_stage", "label_t4", "node_positive", "split", "ct_file")
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -9,6 +9,12 @@ lossless where structures overlap, :func:`hnct.structures.write_structures`) and
 that order so the later structure wins where two overlap: the priority order of challenge-format
 label maps), then the sidecar ``results/volumes/{case}.json`` that names them.
 
+A case whose cohort row gives a ``ct_file`` (HaN-Seg's ``case_XX_IMG_CT.nrrd``, SegRap's
+``image.nii.gz``) has its CT read from that volume file instead (:func:`hnct.volume_ct.read_ct_file`:
+the same int16 HU NRRD and geometry fields, the file's SHA-256 in place of the series' DICOM facts);
+its labels come from a mask folder (``nrrd``) or there are none: an RTSTRUCT or SEG references DICOM
+images.
+
 Labels come from the RTSTRUCT (:mod:`hnct.dicomio`), the DICOM SEG (:mod:`hnct.seg`), whichever of
 the two the case has (``auto``: :func:`hnct.seg.pick_label_source`) or a mask folder (``nrrd``).
 With ``rtstruct``/``seg``/``auto`` a ``mask_dir`` is a second source: the structures its masks have
@@ -78,6 +84,8 @@ def convert_case(
     slice_step_mm: float = 0.0,
     upstream: str | Path | None = None,
     out_dir: str | Path | None = None,
+    ct_file: str | Path = "",
+    ct_rounding_tolerance_hu: float | None = None,
 ) -> dict[str, Any]:
     """Convert one case; always writes ``sidecar_path`` (ok or excluded) and returns it.
 
@@ -85,9 +93,16 @@ def convert_case(
     first; stays empty when the case is excluded), see :func:`hnct.common.run_case_stage`.
     ``structures_path``: the channels' NRRD (default ``structures.nrrd`` beside ``label_path``).
     ``mask_dir`` and ``annotation_table`` may name the case's DICOM folder as ``{dicom_dir}``.
+    ``ct_file``: the case's CT as a volume file (read instead of ``dicom_dir``'s DICOM), its float
+    voxels rounded to HU within ``ct_rounding_tolerance_hu`` (required with ``ct_file``).
     """
     if labels not in LABEL_SOURCES:
         raise ValueError(f"labels must be one of {LABEL_SOURCES}, not {labels!r}")
+    if ct_file and labels not in ("nrrd", "none"):
+        raise ValueError(f"case {case}: labels {labels!r} needs the DICOM images an RTSTRUCT/SEG references; "
+                         f"a CT from the volume file {ct_file} takes labels nrrd (a mask folder) or none")
+    if ct_file and ct_rounding_tolerance_hu is None:
+        raise ValueError(f"case {case}: a CT volume file needs ct_rounding_tolerance_hu (convert.ct_rounding_tolerance_hu)")
     structures = list(structures)
     missing_config = [s for s in required_structures if s not in structures]
     if missing_config:
@@ -103,6 +118,7 @@ def convert_case(
 
     from hnct import dicomio
     from hnct import structures as structures_mod
+    from hnct import volume_ct
 
     def read_structures(folder, index, series, geometry, hu):
         """(channels, report of the DICOM label object or mask folder, report of a second mask
@@ -140,9 +156,8 @@ def convert_case(
         channels |= extra
         return channels, report, mask_report, source
 
-    def work() -> dict[str, Any]:
-        started = time.perf_counter()
-        folder = Path(dicom_dir)
+    def read_dicom_ct(folder: Path):
+        """(hu, geometry, the series' sidecar fields, index, series) of the case's DICOM CT."""
         if not folder.is_dir():
             raise InputError(case, folder, f"no DICOM image series under {folder} (folder does not exist)")
         index = dicomio.scan_series(folder, keep_datasets=True)
@@ -150,6 +165,36 @@ def convert_case(
         hu, geometry = dicomio.read_ct_array(case, series, gantry_tilt=gantry_tilt, max_tilt_deg=max_tilt_deg,
                                              max_spacing_spread=max_spacing_spread,
                                              max_slice_gap_mm=max_slice_gap_mm, slice_step_mm=slice_step_mm)
+        log.info("case %s: series %s, %d slices", case, series["series_uid"], len(geometry["files"]))
+        fields = {
+            "ct_source": "dicom",
+            "series_uid": series["series_uid"],
+            "series_identity": series["series_identity"],
+            "study_uid": series["study_uid"],
+            "patient_id": series["patient_id"],
+            "modality": series["modality"],
+            "series_description": series["series_description"],
+            "n_files": int(series["n_files"]),
+            "n_slices": len(geometry["files"]),
+            "dicom_dir": str(folder),
+            "unreadable_files": [{"file": f, "reason": r} for f, r in index.unreadable],
+            "manufacturer": series["manufacturer"],
+            "model": series["model"],
+            "kernel": series["kernel"],
+            "slice_positions": geometry["slice_positions"],
+            "series_choice": choice,
+        }
+        return hu, geometry, fields, index, series
+
+    def work() -> dict[str, Any]:
+        started = time.perf_counter()
+        folder = Path(dicom_dir)
+        if ct_file:
+            hu, geometry, ct_fields = volume_ct.read_ct_file(case, ct_file, ct_rounding_tolerance_hu)
+            ct_fields = {"ct_source": "file", **ct_fields, "modality": "CT", "n_slices": int(hu.shape[0])}
+            index = series = None  # labels nrrd or none: no DICOM label object to look up
+        else:
+            hu, geometry, ct_fields, index, series = read_dicom_ct(folder)
         channels, label_report, mask_report, source = None, None, None, labels
         if labels != "none":  # SimpleITK only where labels are painted or resampled onto the CT grid
             channels, label_report, mask_report, source = read_structures(folder, index, series, geometry, hu)
@@ -170,29 +215,15 @@ def convert_case(
             structures_mod.write_structures(channels, geometry, structures_path)
             write_nrrd(label_image, geometry, label_path)
         seconds = time.perf_counter() - started
-        log.info("case %s: series %s, %d slices, size %s, spacing %s mm in %.1f s", case, series["series_uid"],
-                 len(geometry["files"]), geometry["size"], [round(s, 3) for s in geometry["spacing"]], seconds)
+        log.info("case %s: CT from %s, size %s, spacing %s mm in %.1f s", case, ct_file or "DICOM",
+                 geometry["size"], [round(s, 3) for s in geometry["spacing"]], seconds)
         return {
-            "series_uid": series["series_uid"],
-            "series_identity": series["series_identity"],
-            "study_uid": series["study_uid"],
-            "patient_id": series["patient_id"],
-            "modality": series["modality"],
-            "series_description": series["series_description"],
-            "n_files": int(series["n_files"]),
-            "n_slices": len(geometry["files"]),
-            "dicom_dir": str(folder),
-            "unreadable_files": [{"file": f, "reason": r} for f, r in index.unreadable],
+            **ct_fields,
             "size": geometry["size"],
             "spacing": geometry["spacing"],
             "origin": geometry["origin"],
             "direction": geometry["direction"],
-            "manufacturer": series["manufacturer"],
-            "model": series["model"],
-            "kernel": series["kernel"],
-            "slice_positions": geometry["slice_positions"],
             "hu_clipped_voxels": geometry["hu_clipped_voxels"],
-            "series_choice": choice,
             "label_source": source,
             "labels": {str(v): s for v, s in enumerate(structures, start=1)} if label_image is not None else {},
             "structures_present": present,
@@ -229,7 +260,8 @@ def structure_entries(structures: Sequence[str], channels, label_report: dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnct convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", required=True)
-    parser.add_argument("--dicom-dir", required=True, help="folder holding the case's DICOM (any layout)")
+    parser.add_argument("--dicom-dir", default="", help="folder holding the case's DICOM (any layout); unused with "
+                        "--ct-file but for {dicom_dir} in --mask-dir / --annotation-table")
     parser.add_argument("--volume", required=True, help="output CT NRRD (int16 HU)")
     parser.add_argument("--label", default="", help="output label map NRRD (uint8); unused with --labels none")
     parser.add_argument("--sidecar", required=True, help="output sidecar JSON (written last)")
@@ -251,11 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-slice-gap-mm", type=float, default=5.0)
     parser.add_argument("--slice-step-mm", type=float, default=0.0, help="resampled slice step (0: smallest)")
     parser.add_argument("--upstream", nargs="?", const="", default="", help="fetch sidecar (tcia source)")
+    parser.add_argument("--ct-file", nargs="?", const="", default="",
+                        help="the CT as a volume file (NRRD, NIfTI, MHA), read instead of --dicom-dir's DICOM")
+    parser.add_argument("--ct-rounding-tolerance-hu", type=float, default=None,
+                        help="with --ct-file: float voxels further than this from an integer HU exclude the case")
     parser.add_argument("--log", default=None)
     args = parser.parse_args(argv)
     setup_logging(args.log)
     if args.labels != "none" and not args.label:
         parser.error("--label is required unless --labels none")
+    if not (args.dicom_dir or args.ct_file):
+        parser.error("give the CT: --dicom-dir (DICOM) or --ct-file (a volume file)")
+    if args.ct_file and args.ct_rounding_tolerance_hu is None:
+        parser.error("--ct-file needs --ct-rounding-tolerance-hu (config convert.ct_rounding_tolerance_hu)")
     # Snakemake renders an empty list parameter as an empty word: drop empty names.
     structures = [s for s in args.structures if s]
     required = [s for s in args.required_structures if s]
@@ -269,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         max_spacing_spread=args.max_spacing_spread, max_slice_gap_mm=args.max_slice_gap_mm,
         slice_step_mm=args.slice_step_mm,
         upstream=args.upstream or None, out_dir=args.out_dir or None,
+        ct_file=args.ct_file, ct_rounding_tolerance_hu=args.ct_rounding_tolerance_hu,
     )
     return 0
 

@@ -38,7 +38,9 @@ The sidecar ``results/fetch/{case}.json`` lists every series (UID, modality, fol
 Other sources: ``python -m hnct.fetch index --root DIR --out cohort.tsv`` builds a cohort table from
 any folder of DICOM by reading headers (not folder names), one case per CT study (``--per series``:
 per CT series), and lists every series and file it leaves out, with the reason, in
-``cohort.skipped.tsv`` beside it (:func:`index_folder`); ``python -m hnct.fetch manifest-cohort``
+``cohort.skipped.tsv`` beside it (:func:`index_folder`); with ``--layout hanseg`` (``segrap``, or a
+pattern) a release of CT volume files, one case per CT file (:func:`hnct.volume_ct.index_release`);
+``python -m hnct.fetch manifest-cohort``
 builds one from a ``.tcia`` manifest (each series' PatientID from ``getSeriesMetaData``).
 """
 
@@ -582,16 +584,32 @@ def index_folder(root: str | Path, collection: str = "", per: str = "study") -> 
     return cohort, skipped_table
 
 
-def write_index(root: str | Path, out: str | Path, collection: str = "", per: str = "study") -> str:
+def write_index(root: str | Path, out: str | Path, collection: str = "", per: str = "study", layout: str = "",
+                patients: str | Path = "") -> str:
     """``index`` as a command: writes the cohort table and its skipped table beside it (both atomic);
-    returns what it did in a line (cases, skipped series, skipped files, where the reasons are)."""
-    cohort, skipped = index_folder(root, collection, per)
+    returns what it did in a line (cases, skipped series, skipped files, where the reasons are).
+
+    With ``layout`` (a :data:`hnct.volume_ct.CT_LAYOUTS` preset or a pattern with ``{case}``) the
+    root is a release of CT volume files (HaN-Seg's ``set_1/``, SegRap's training folder): one case
+    per CT file (:func:`hnct.volume_ct.index_release`), patients from the ``patients`` TSV (case,
+    patient) where given, else patient = case."""
+    if layout:
+        from hnct import volume_ct
+
+        mapping = volume_ct.read_patient_map(patients) if patients else None
+        cohort, skipped = volume_ct.index_release(root, layout, collection, mapping)
+        what, groups = f"one per CT file of layout {layout}", "folders"
+    else:
+        if patients:
+            raise ValueError("--patients maps cases of a release (--layout); a DICOM index reads PatientID")
+        cohort, skipped = index_folder(root, collection, per)
+        what, groups = f"one per CT {per}", "series"
     skipped_path = skipped_table_path(out)
     with atomic_path(skipped_path) as tmp:
         skipped.to_csv(tmp, sep="\t", index=False)
     write_cohort(cohort, out)
-    n_files = int((skipped["series_uid"] == "").sum())
-    return (f"{len(cohort)} cases (one per CT {per}) -> {out}; skipped {len(skipped) - n_files} series and "
+    n_files = int((skipped["what"] == "file").sum())
+    return (f"{len(cohort)} cases ({what}) -> {out}; skipped {len(skipped) - n_files} {groups} and "
             f"{n_files} files, each with its reason in {skipped_path}")
 
 
@@ -661,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
     p_index.add_argument("--collection", default="")
     p_index.add_argument("--per", choices=INDEX_PER, default="study",
                          help="one case per CT study (its series chosen as convert does) or per CT series")
+    p_index.add_argument("--layout", default="",
+                         help="a release of CT volume files: hanseg, segrap, segrap_contrast or a pattern with "
+                              "{case} (e.g. '{case}/ct.nii.gz'); one case per CT file, no DICOM read")
+    p_index.add_argument("--patients", default="", help="with --layout: TSV case, patient (default patient = case)")
     p_man = sub.add_parser("manifest-cohort", help="cohort table from a .tcia manifest (asks the API)")
     p_man.add_argument("--manifest", required=True)
     p_man.add_argument("--out", required=True)
@@ -693,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "index":
         try:
-            done = write_index(args.root, args.out, args.collection, args.per)
+            done = write_index(args.root, args.out, args.collection, args.per, args.layout, args.patients)
         except ValueError as err:  # nothing to index: say what was found, write nothing
             log.error("index of %s: %s", args.root, err)
             return 1

@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,11 +17,38 @@ sys.path.insert(0, str(HNCT_DIR))
 
 import hnct.cohort  # noqa: E402
 import hnct.common  # noqa: E402
+import hnct.convert  # noqa: E402
+import hnct.structures  # noqa: E402
 import hnct.models  # noqa: E402
 import hnct.tasks  # noqa: E402
 
 hnct.common.prepare_job_environment(HNCT_DIR)
 
+
+def structure_names_of_last_structures():
+    """convert.structure_names as the command-line config files give them, where one sets
+    convert.structures (None where none does: Snakemake's own merge stands).
+
+    The names belong to a structure list, which a later config file replaces whole; Snakemake
+    merges mappings key by key, so the demo's names (config/config.yaml) would leak into a cohort
+    config's (config/hanseg.yaml) and name structures its list does not have. So the last file that
+    sets structures starts the names afresh (its own, or none), and files after it that give only
+    names add theirs key by key, as Snakemake does.
+    """
+    from snakemake.common.configfile import load_configfile
+
+    names = None
+    for path in workflow.overwrite_configfiles or []:
+        section = (load_configfile(path) or {}).get("convert") or {}
+        if "structures" in section:
+            names = dict(section.get("structure_names") or {})
+        elif names is not None:
+            names.update(section.get("structure_names") or {})
+    return names
+
+
+if (_names := structure_names_of_last_structures()) is not None:
+    config.setdefault("convert", {})["structure_names"] = _names
 
 validate(config, schema="../../config/schema.yaml", set_default=True)
 
@@ -55,6 +83,18 @@ else:
     COHORT = hnct.cohort.read_cohort(config["cohort"]["table"])
 
 CASES = list(COHORT["case"])
+# A CT given as a volume file (the table's ct_file, relative to dicom_root) is read from a local folder.
+if SOURCE != "local" and "ct_file" in COHORT and (COHORT["ct_file"] != "").any():
+    raise ValueError(
+        f"cohort.source is {SOURCE!r}, but the cohort table gives ct_file for case(s) "
+        f"{list(COHORT.loc[COHORT['ct_file'] != '', 'case'])[:5]}: a CT volume file needs source local"
+    )
+# The cohort's series_uid per case (convert's --series-uid).
+SERIES_UID = hnct.convert.series_uid_param(COHORT)
+# Whether convert reads a mask folder: for mask labels, or beside an RTSTRUCT/SEG when mask_dir is set.
+CONVERT_READS_MASKS = config["convert"]["labels"] == "nrrd" or (
+    config["convert"]["labels"] != "none" and bool(config["convert"]["mask_dir"])
+)
 N_FOLDS = int(config["folds"]["n_folds"])
 FOLDS = list(range(N_FOLDS))
 
@@ -111,6 +151,58 @@ def cli_options(options):
 
 def case_row(wildcards):
     return COHORT.loc[wildcards.case]
+
+
+def get_case_ct_file(wildcards):
+    """The case's CT volume file (the table's ct_file below dicom_root), '' for a DICOM case."""
+    ct_file = case_row(wildcards).get("ct_file", "")
+    return str(Path(DICOM_ROOT) / ct_file) if ct_file else ""
+
+
+def get_convert_inputs(wildcards):
+    """Every file convert reads for one case, named: ``dicom`` (get_case_dicom), ``ct`` (the CT
+    volume file) and ``labels`` (the mask files and the annotation table), so that an edited
+    mask reruns that case's convert only. Only files that exist: a missing one is not a DAG error
+    but bad input, which convert reports and excludes the case for."""
+    ct_file = get_case_ct_file(wildcards)
+    dicom = [] if ct_file else get_case_dicom(wildcards)
+    inputs = {
+        "dicom": dicom,
+        "ct": [ct_file] if ct_file and os.path.isfile(ct_file) else [],
+        "labels": [],
+    }
+    # The demo's masks lie in its case folder, a directory() output that is already the dicom input.
+    if CONVERT_READS_MASKS and SOURCE != "demo":
+        folder = get_case_dicom_dir(wildcards)
+        mask_dir = config["convert"]["mask_dir"].replace("{dicom_dir}", folder)
+        table = config["convert"]["annotation_table"].replace("{dicom_dir}", folder)
+        try:
+            _, masks = hnct.structures.find_masks(
+                wildcards.case, mask_dir, config["convert"]["mask_pattern"]
+            )
+        except hnct.common.InputError:
+            masks = {}  # no mask folder: convert names it when it excludes the case
+        seen = set(dicom)
+        files = sorted(str(path) for path in masks.values())
+        files += [table] if table and os.path.isfile(table) else []
+        inputs["labels"] = [f for f in files if f not in seen]
+    return inputs
+
+
+# The CT's options, per case: a DICOM series' reading checks, or a volume file's rounding tolerance,
+# so that changing one reruns only the cases it concerns.
+def get_convert_ct_args(wildcards):
+    """convert's CT options for one case (the params of rule convert_series)."""
+    options = config["convert"]
+    ct_file = get_case_ct_file(wildcards)
+    if ct_file:
+        return f"--ct-file {shlex.quote(ct_file)} --ct-rounding-tolerance-hu {options['ct_rounding_tolerance_hu']}"
+    return (
+        f"--series-uid {shlex.quote(SERIES_UID(wildcards))}"
+        f" --gantry-tilt {options['gantry_tilt']} --max-tilt-deg {options['max_tilt_deg']}"
+        f" --max-spacing-spread {options['max_spacing_spread']}"
+        f" --max-slice-gap-mm {options['max_slice_gap_mm']} --slice-step-mm {options['slice_step_mm']}"
+    )
 
 
 def get_case_dicom(wildcards):
