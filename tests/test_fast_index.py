@@ -100,7 +100,7 @@ def test_compiled_index_equals_pydicoms_on_every_series_of_the_test_data(testdat
     # The real CT goes through GDCM, file by file; SEG (multi-frame) and RTSTRUCT (no pixel data) through pydicom.
     assert report["through_gdcm"][str(lung1)] == 134 and report["read_by_pydicom"][str(lung1)] == {}
     refused = {Path(f).name: why for folder, files in report["read_by_pydicom"].items() for f, why in files.items()}
-    assert refused["seg_image_ct_binary.dcm"] == "has SharedFunctionalGroupsSequence, PerFrameFunctionalGroupsSequence"
+    assert refused["seg_image_ct_binary.dcm"] == "has NumberOfFrames"
     assert refused["rt.dcm"] == refused["1-1.dcm"] == "not 16-bit single-sample pixel data"
     assert refused["LICENSE"] == "not read by GDCM"
 
@@ -108,11 +108,12 @@ def test_compiled_index_equals_pydicoms_on_every_series_of_the_test_data(testdat
 def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
     """Tilted (three orientations), uneven, UID-less, implicit VR / 12-bit / fractional rescale,
     and files GDCM's index must leave to pydicom: text in a non-ASCII character set, a Modality
-    LUT, an element after the pixel data (the offset check fails), a compressed slice."""
+    LUT, an element after the pixel data (the offset check fails), a compressed slice, NumberOfFrames
+    (an enhanced multi-frame CT; a classic slice saying 1)."""
     import pydicom
     from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
-    from test_dicom_formats import _drop_series_uid, rewrite
+    from test_dicom_formats import _drop_series_uid, rewrite, write_enhanced_ct
     from test_dicomio import write_ct_series, write_tilted_series
 
     folders = {}
@@ -130,6 +131,10 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
     write_ct_series(folders["no-uid"] / "b", 4, study_uid="1.2.3")
     rewrite(folders["no-uid"] / "a", lambda ds: (_drop_series_uid(ds), setattr(ds, "SeriesNumber", 2)))
     rewrite(folders["no-uid"] / "b", lambda ds: (_drop_series_uid(ds), setattr(ds, "SeriesNumber", 3)))
+
+    folders["enhanced"] = tmp_path / "enhanced"
+    write_ct_series(tmp_path / "single", 4)
+    write_enhanced_ct(tmp_path / "single", folders["enhanced"] / "enhanced.dcm", frame_order=[2, 0, 3, 1])
 
     folders["mixed"] = mixed = tmp_path / "mixed"
     ct = write_ct_series(mixed, 8, names=lambda k: f"{k}.dcm")
@@ -151,7 +156,7 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
         ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)  # Data Set Trailing Padding, after the pixel data
 
     changes = {1: implicit_12bit_fractional, 2: latin1, 3: modality_lut, 4: trailing_padding,
-               5: lambda ds: ds.compress(RLELossless)}
+               5: lambda ds: ds.compress(RLELossless), 6: lambda ds: setattr(ds, "NumberOfFrames", 1)}
     for k, change in changes.items():
         ds = pydicom.dcmread(files[k])
         change(ds)
@@ -162,9 +167,12 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
     assert report["read_by_pydicom"][str(mixed)] == {
         str(files[2]): "non-ASCII text", str(files[3]): "has ModalityLUTSequence",
         str(files[4]): PIXEL_OFFSET_REFUSAL,
-        str(files[5]): "transfer syntax 1.2.840.10008.1.2.5 is not native"}
-    assert report["through_gdcm"][str(mixed)] == 4  # the implicit VR, 12-bit, fractional rescale slice among them
-    assert all(report["read_by_pydicom"][str(f)] == {} for name, f in folders.items() if name != "mixed")
+        str(files[5]): "transfer syntax 1.2.840.10008.1.2.5 is not native", str(files[6]): "has NumberOfFrames"}
+    assert report["through_gdcm"][str(mixed)] == 3  # the implicit VR, 12-bit, fractional rescale slice among them
+    assert report["read_by_pydicom"][str(folders["enhanced"])] == {
+        str(folders["enhanced"] / "enhanced.dcm"): "has NumberOfFrames"}
+    assert all(report["read_by_pydicom"][str(f)] == {} for name, f in folders.items()
+               if name not in ("mixed", "enhanced"))
     assert report["pydicom_imported"]  # the refused files
 
 

@@ -4,12 +4,13 @@ by GDCM's Scanner (C++), so that indexing and reading a CT series needs neither 
 
 :func:`scan_headers` reads the tags :mod:`hnct.dicomio`'s index and pixel read use from every file
 at once and keeps a file only when these headers say exactly what pydicom would: a native transfer
-syntax (explicit or implicit VR little endian), one frame, 16 bits allocated, one sample, no
+syntax (explicit or implicit VR little endian), a classic single-frame image (no NumberOfFrames), 16 bits allocated, one sample, no
 Modality LUT, a rescale that :func:`hnct.dicomio._rescale_to_hu` treats alike either way, text
 in ASCII under a character set that reads ASCII as ASCII, and the pixel data verified to be the
 file's last element (its element header found right before the expected number of bytes at the
 end of the file), so that numpy reads the stored values straight from their offset. Every other
-file (compressed, multi-frame, SEG, RTSTRUCT, non-DICOM, anything these checks cannot vouch for)
+file (compressed, multi-frame or with NumberOfFrames at all, SEG, RTSTRUCT, non-DICOM, anything
+these checks cannot vouch for)
 is listed with the reason and read by pydicom, as before. The values (text as GDCM gives the
 element's bytes, stripped as :func:`hnct.dicomio._ascii` and pydicom's text conversion strip
 them) are the ones pydicom's path gives: tests/test_fast_index.py compares both indexes field by
@@ -27,14 +28,12 @@ TAGS = {
     "TransferSyntaxUID": (0x0002, 0x0010),
     "SpecificCharacterSet": (0x0008, 0x0005),
     "ImageType": (0x0008, 0x0008),
-    "SOPClassUID": (0x0008, 0x0016),
     "SOPInstanceUID": (0x0008, 0x0018),
     "Modality": (0x0008, 0x0060),
     "Manufacturer": (0x0008, 0x0070),
     "SeriesDescription": (0x0008, 0x103E),
     "ManufacturerModelName": (0x0008, 0x1090),
     "PatientID": (0x0010, 0x0020),
-    "SliceThickness": (0x0018, 0x0050),
     "GantryDetectorTilt": (0x0018, 0x1120),
     "ConvolutionKernel": (0x0018, 0x1210),
     "StudyInstanceUID": (0x0020, 0x000D),
@@ -56,15 +55,16 @@ TAGS = {
     "RescaleIntercept": (0x0028, 0x1052),
     "RescaleSlope": (0x0028, 0x1053),
     "ModalityLUTSequence": (0x0028, 0x3000),
-    "SharedFunctionalGroupsSequence": (0x5200, 0x9229),
-    "PerFrameFunctionalGroupsSequence": (0x5200, 0x9230),
 }
 # Text whose decoding depends on SpecificCharacterSet (VR LO / SH), as hnct.dicomio._series_text reads it.
 CHARSET_TEXT = ("PatientID", "SeriesDescription", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
 # Single-valued US elements (GDCM gives them as decimal text).
 UNSIGNED = ("SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
-# Present (even empty) means a file this module does not read: pydicom's path handles it.
-ABSENT = ("ModalityLUTSequence", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+# Present (even empty) means a file this module does not read: pydicom's path handles it. NumberOfFrames
+# (even 1) is in the Multi-frame Module that every IOD with functional groups (enhanced CT, SEG)
+# requires: without it a file is a classic single-frame image, and the scanner stops after group
+# 0028 instead of reading on to the functional groups (5200,xxxx) (a third of its time).
+ABSENT = ("ModalityLUTSequence", "NumberOfFrames")
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2.1": "Explicit VR Little Endian", "1.2.840.10008.1.2": "Implicit VR Little Endian"}
 # Character sets under which pydicom decodes printable ASCII bytes to the same text (the default
 # repertoire, the single-byte ISO 8859 / TIS / KOI sets and UTF-8); anything else goes to pydicom.
@@ -138,8 +138,6 @@ def _refusal(values: dict[str, str | None]) -> str:
     charset = (values["SpecificCharacterSet"] or "").strip(" \0")
     if charset not in ASCII_CHARSETS:
         return f"SpecificCharacterSet {charset}"
-    if (values["NumberOfFrames"] or "").strip(" \0") not in ("", "1"):
-        return f"NumberOfFrames {values['NumberOfFrames']}"
     unsigned = {k: (values[k] or "").strip(" \0") for k in UNSIGNED}
     if not all(v == "" or v.isdigit() for v in unsigned.values()):
         return "an unsigned element is not one number"
