@@ -453,3 +453,22 @@ def test_fill_polygon_agrees_with_skimage_on_random_polygons():
         # Pixel centres lying exactly on an edge may go either way; random vertices make that rare.
         assert (ours != reference).sum() <= 2, (ours != reference).sum()
     assert dicomio.fill_polygon(np.array([1.0, 5.0, 5.0]), np.array([2.0, 2.0, 2.0]), (8, 8)).sum() == 0
+
+
+@pytest.mark.parametrize("keyword,value,reason", [
+    ("ImageOrientationPatient", ["1", "0", "0", "0", "0.99", "0.141067"], "mixed orientations"),
+    ("PixelSpacing", ["0.5", "0.81"], "mixed pixel spacings"),
+    ("Rows", 8, "mixed matrix sizes"),
+    ("ImageOrientationPatient", ["1", "0", "0", "0", "1"], "orientation of a slice .* has 5 values"),
+])
+def test_mixed_slice_headers_name_the_first_slice_that_differs(tmp_path, keyword, value, reason):
+    ct = write_ct_series(tmp_path, 5, names=lambda k: f"{k}.dcm")
+    for k in (2, 4):
+        ds = pydicom.dcmread(ct["files"][k])
+        setattr(ds, keyword, value)
+        ds.save_as(ct["files"][k])
+    index = dicomio.index_series(tmp_path)
+    row, _ = dicomio.choose_ct_series("C", tmp_path, index)
+    with pytest.raises(InputError, match=reason) as err:
+        dicomio.slice_geometry("C", row)
+    assert err.value.file == str(ct["files"][2])

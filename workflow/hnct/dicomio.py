@@ -637,22 +637,38 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _check_uniform_headers(case: str, uid: str, instances: list[dict[str, Any]]) -> None:
-    """Raise InputError unless every slice has position, orientation and spacing, all alike."""
+    """Raise InputError unless every slice has position, orientation and spacing, all alike.
+
+    The slices are compared with the first all at once (np.isclose with np.allclose's rtol);
+    the error names the first slice that differs, in the order orientation, spacing, matrix."""
     for inst in instances:
         if inst["position"] is None or inst["orientation"] is None or inst["pixel_spacing"] is None:
             raise InputError(case, inst["file"], f"slice of series {uid} lacks ImagePositionPatient, "
                              "ImageOrientationPatient or PixelSpacing")
     first = instances[0]
-    for inst in instances[1:]:
-        if not np.allclose(inst["orientation"], first["orientation"], atol=COSINE_TOL):
-            raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
-                             f"vs {tuple(first['orientation'])} in {first['file']}")
-        if not np.allclose(inst["pixel_spacing"], first["pixel_spacing"], atol=SPACING_TOL_MM):
-            raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
-                             f"vs {tuple(first['pixel_spacing'])} mm in {first['file']}")
-        if (inst["rows"], inst["cols"]) != (first["rows"], first["cols"]):
-            raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
-                             f"{inst['rows']}x{inst['cols']} vs {first['rows']}x{first['cols']}")
+    checks = {}
+    for field, tol in (("orientation", COSINE_TOL), ("pixel_spacing", SPACING_TOL_MM)):
+        odd = next((inst for inst in instances if len(inst[field]) != len(first[field])), None)
+        if odd is not None:
+            raise InputError(case, odd["file"], f"{field} of a slice of series {uid} has {len(odd[field])} values, "
+                             f"{len(first[field])} in {first['file']}")
+        values = np.array([inst[field] for inst in instances], dtype=float)
+        checks[field] = ~np.isclose(values, values[0], rtol=1e-05, atol=tol).all(axis=1)
+    matrices = np.array([(inst["rows"], inst["cols"]) for inst in instances])
+    checks["matrix"] = (matrices != matrices[0]).any(axis=1)
+    differs = checks["orientation"] | checks["pixel_spacing"] | checks["matrix"]
+    if not differs.any():
+        return
+    index = int(np.argmax(differs))
+    inst = instances[index]
+    if checks["orientation"][index]:
+        raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
+                         f"vs {tuple(first['orientation'])} in {first['file']}")
+    if checks["pixel_spacing"][index]:
+        raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
+                         f"vs {tuple(first['pixel_spacing'])} mm in {first['file']}")
+    raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
+                     f"{inst['rows']}x{inst['cols']} vs {first['rows']}x{first['cols']}")
 
 
 def _gap_error(case: str, uid: str, files: list[str], along: np.ndarray, steps: np.ndarray, spread: float,
