@@ -109,7 +109,8 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
     """Tilted (three orientations), uneven, UID-less, implicit VR / 12-bit / fractional rescale,
     and files GDCM's index must leave to pydicom: text in a non-ASCII character set, a Modality
     LUT, an element after the pixel data (the offset check fails), a compressed slice, NumberOfFrames
-    (an enhanced multi-frame CT; a classic slice saying 1)."""
+    (an enhanced multi-frame CT; a classic slice saying 1). The all-GDCM series are read into the
+    volume's own memory: 10- and 12-bit values with garbage high bits, and HU clipped to int16."""
     import pydicom
     from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
@@ -131,6 +132,23 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
     write_ct_series(folders["no-uid"] / "b", 4, study_uid="1.2.3")
     rewrite(folders["no-uid"] / "a", lambda ds: (_drop_series_uid(ds), setattr(ds, "SeriesNumber", 2)))
     rewrite(folders["no-uid"] / "b", lambda ds: (_drop_series_uid(ds), setattr(ds, "SeriesNumber", 3)))
+
+    # Read into the volume itself: high bits beyond BitsStored (signed: sign-extended; unsigned:
+    # masked) and unsigned values whose HU leaves int16 (clipped).
+    import numpy as np
+
+    def stored_bits(bits_stored: int, signed: int, fill: int):
+        def change(ds):
+            raw = np.frombuffer(ds.PixelData, dtype="<u2") | np.uint16(fill)
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, signed
+            ds.PixelData = raw.astype("<u2").tobytes()
+        return change
+
+    for name, change in (("12bit-signed", stored_bits(12, 1, 0xA000)), ("10bit-unsigned", stored_bits(10, 0, 0xF000)),
+                         ("clipped", stored_bits(16, 0, 0xC000))):
+        folders[name] = tmp_path / name
+        write_ct_series(folders[name], 3)
+        rewrite(folders[name], change)
 
     folders["enhanced"] = tmp_path / "enhanced"
     write_ct_series(tmp_path / "single", 4)

@@ -883,7 +883,7 @@ def _decode_error(file: str, ds: pydicom.Dataset | ScannedHeader | None, err: Ex
     return f"cannot decode pixel data{named}: {type(err).__name__}: {first_line}"
 
 
-def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
+def _stored_values(ds: pydicom.Dataset | ScannedHeader, out: np.ndarray | None = None) -> np.ndarray:
     """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
 
     Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
@@ -893,6 +893,8 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
     extended for signed ones). Anything else goes through pydicom. A ScannedHeader (GDCM's index,
     which checked all of this and the offset of the stored values) is read from that offset.
+    ``out``: an int16 (rows, cols) slice of the volume being filled: values read from the file go
+    straight into its memory (returned as its uint16 or int16 view), saving an array a slice.
     """
     rows, cols = int(_uint(ds, "Rows") or 0), int(_uint(ds, "Columns") or 0)
     syntax = _transfer_syntax(ds)
@@ -908,10 +910,9 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     if offset is not None:
         # Deferred while indexing: read straight from the value's offset in the file, so the
         # bytes are read once (pydicom's deferred read re-opens the file and parses the element again).
-        stored = np.fromfile(ds.filename, dtype=dtype, count=rows * cols, offset=offset)
-        if stored.size != rows * cols:  # a truncated file (changed since indexing): pydicom's own error
+        stored = _read_at(ds.filename, offset, rows, cols, dtype, out)
+        if stored is None:  # a truncated file (changed since indexing): pydicom's own error
             return pixel_array(dcmread(ds.filename) if isinstance(ds, ScannedHeader) else ds)
-        stored = stored.reshape(rows, cols)
     else:
         data = ds.get("PixelData")
         if data is None or len(data) != n_bytes:
@@ -919,8 +920,32 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
         stored = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
     if bits_stored < 16:
         shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
-        stored = (stored << shift) >> shift
+        if out is not None and np.shares_memory(stored, out):
+            np.left_shift(stored, shift, out=stored)
+            np.right_shift(stored, shift, out=stored)
+        else:
+            stored = (stored << shift) >> shift
     return stored
+
+
+def _read_at(path: str, offset: int, rows: int, cols: int, dtype: str, out: np.ndarray | None) -> np.ndarray | None:
+    """``rows * cols`` little-endian 16-bit values at ``offset`` of ``path`` as a (rows, cols)
+    array of ``dtype``: in ``out``'s memory when it fits (a C-contiguous int16 array of that shape,
+    on a little-endian machine), else a new array; None when the file ends before."""
+    if out is None or out.shape != (rows, cols) or out.dtype != np.int16 or not out.flags.c_contiguous \
+            or sys.byteorder != "little":
+        stored = np.fromfile(path, dtype=dtype, count=rows * cols, offset=offset)
+        return stored.reshape(rows, cols) if stored.size == rows * cols else None
+    buffer = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        filled = 0
+        while filled < len(buffer):
+            n = fh.readinto(buffer[filled:])
+            if not n:
+                return None
+            filled += n
+    return out.view(dtype)
 
 
 def _deferred_pixel_offset(ds: pydicom.Dataset, n_bytes: int) -> int | None:
@@ -954,6 +979,10 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
         remaining[file] = remaining.get(file, 0) + 1
     decoded: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
     volume: np.ndarray | None = None
+    if datasets and all(isinstance(ds, ScannedHeader) for ds in datasets) and frames == [None] * len(files):
+        # GDCM's index gave every slice's matrix: the stored values are read into the volume itself.
+        volume = np.empty((len(files), int(_uint(datasets[0], "Rows")), int(_uint(datasets[0], "Columns"))),
+                          dtype=np.int16)
     n_clipped = 0
     for index, (file, frame, ds) in enumerate(progress(list(zip(files, frames, datasets)), every=100,
                                                       what="decoding slices")):
@@ -963,7 +992,8 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
                     ds = dcmread(file)
                 # Decoded without caching the array on the (index's) dataset; the pixel data bytes
                 # it loaded are released below, once the file's frames are placed.
-                decoded[file] = (ds, _stored_values(ds))
+                slot = volume[index] if volume is not None else None
+                decoded[file] = (ds, _stored_values(ds, out=slot))
             ds, stored = decoded[file]
             if frame is not None:
                 if stored.ndim != 3 or frame >= stored.shape[0]:
@@ -988,8 +1018,14 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
             raise InputError(case, file, f"slices differ in pixel matrix size: {hu.shape} vs {volume.shape[1:]}")
         if intercept is not None:
             if INT16_MIN <= int(hu.min()) + intercept and int(hu.max()) + intercept <= INT16_MAX:
-                # The common case: added in int32, written into the int16 slice, no temporary volume.
-                np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
+                if np.shares_memory(hu, volume[index]):
+                    # Read into the slice itself: added in place modulo 2**16, which leaves the int16
+                    # bits of HU (in range, as just checked) whether stored as uint16 or int16.
+                    slot = volume[index].view(np.uint16)
+                    np.add(slot, np.uint16(intercept % 65536), out=slot)
+                else:
+                    # The common case: added in int32, written into the int16 slice, no temporary volume.
+                    np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
                 continue
             hu = hu.astype(np.int32) + intercept
         outside = (hu < INT16_MIN) | (hu > INT16_MAX)
