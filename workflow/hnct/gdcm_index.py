@@ -161,7 +161,9 @@ def _refusal(values: dict[str, str | None]) -> str:
 
 def _pixel_offset(path: str, values: dict[str, str | None]) -> int | None:
     """Offset of the stored values when the pixel data element (its header just before them: tag,
-    VR OW/OB and length for explicit VR, tag and length for implicit) ends the file, else None."""
+    VR OW/OB and length for explicit VR, tag and length for implicit) ends the file, else None;
+    None too for a file without the 128-byte preamble and 'DICM' (GDCM reads those, pydicom
+    refuses them as not DICOM: pydicom's path decides)."""
     n_bytes = int(values["Rows"]) * int(values["Columns"]) * 2
     explicit = values["TransferSyntaxUID"].strip(" \0") == "1.2.840.10008.1.2.1"
     length = n_bytes.to_bytes(4, "little")
@@ -171,6 +173,8 @@ def _pixel_offset(path: str, values: dict[str, str | None]) -> int | None:
         if offset < head:
             return None
         with open(path, "rb") as fh:
+            if fh.read(132)[128:] != b"DICM":
+                return None
             fh.seek(offset - head)
             found = fh.read(head)
     except OSError:
@@ -213,7 +217,7 @@ def scan_headers(paths: Iterable[str | os.PathLike]) -> tuple[dict[str, ScannedH
         reason = _refusal(values)
         offset = None if reason else _pixel_offset(file, values)
         if offset is None:
-            refused[file] = reason or "pixel data is not the last element where expected"
+            refused[file] = reason or "no DICM prefix, or pixel data is not the last element where expected"
             continue
         headers[file] = ScannedHeader(file, values, offset)
     return headers, refused
