@@ -4,14 +4,14 @@ by GDCM's Scanner (C++), so that indexing and reading a CT series needs neither 
 
 :func:`scan_headers` reads the tags :mod:`hnct.dicomio`'s index and pixel read use from every file
 at once and keeps a file only when these headers say exactly what pydicom would: a native transfer
-syntax (explicit or implicit VR little endian), a classic single-frame image (no NumberOfFrames), 16 bits allocated, one sample, no
-Modality LUT, a rescale that :func:`hnct.dicomio._rescale_to_hu` treats alike either way, text
-in ASCII under a character set that reads ASCII as ASCII, and the pixel data verified to be the
-file's last element (its element header found right before the expected number of bytes at the
-end of the file), so that numpy reads the stored values straight from their offset. Every other
-file (compressed, multi-frame or with NumberOfFrames at all, SEG, RTSTRUCT, non-DICOM, anything
-these checks cannot vouch for)
-is listed with the reason and read by pydicom, as before. The values (text as GDCM gives the
+syntax (explicit or implicit VR little endian), a classic single-frame image (no NumberOfFrames),
+16 bits allocated, one sample, no Modality LUT, a rescale that :func:`hnct.dicomio._rescale_to_hu`
+treats alike either way, text in ASCII under a character set that reads ASCII as ASCII, the
+preamble's 'DICM', and the pixel data verified to be the file's last element (its element header
+found right before the expected number of bytes at the end of the file), so that the stored
+values are read straight from their offset. Every other file (compressed, multi-frame or with
+NumberOfFrames at all, SEG, RTSTRUCT, non-DICOM, anything these checks cannot vouch for) is listed
+with the reason and read by pydicom, as before. The values (text as GDCM gives the
 element's bytes, stripped as :func:`hnct.dicomio._ascii` and pydicom's text conversion strip
 them) are the ones pydicom's path gives: tests/test_fast_index.py compares both indexes field by
 field.
@@ -56,8 +56,6 @@ TAGS = {
     "RescaleSlope": (0x0028, 0x1053),
     "ModalityLUTSequence": (0x0028, 0x3000),
 }
-# Text whose decoding depends on SpecificCharacterSet (VR LO / SH), as hnct.dicomio._series_text reads it.
-CHARSET_TEXT = ("PatientID", "SeriesDescription", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel")
 # Single-valued US elements (GDCM gives them as decimal text).
 UNSIGNED = ("SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
 # Present (even empty) means a file this module does not read: pydicom's path handles it. NumberOfFrames
@@ -80,8 +78,8 @@ GDCM_EXTENSION, SIMPLEITK_EXTENSION = "_gdcm._gdcmswig", "SimpleITK._SimpleITK"
 
 
 class ScannedHeader:
-    """One file's header facts from GDCM: the accessors hnct.dicomio reads a pydicom dataset
-    through (:func:`hnct.dicomio._ascii`, ``_uint``, ``_number``, ``_series_text``), and where its
+    """One file's header facts from GDCM, as hnct.dicomio's accessors (``_ascii``, ``_uint``,
+    ``_series_text``; ``_number`` through ``_ascii``) read them from a pydicom dataset, and where its
     stored pixel values lie (``pixel_offset``, bytes from the start of the file)."""
 
     def __init__(self, path: str, values: dict[str, str | None], pixel_offset: int):
@@ -98,18 +96,14 @@ class ScannedHeader:
         return "" if value is None else value.strip(" \0")
 
     def text(self, keyword: str) -> str:
-        """As pydicom's text conversion (then ``_text``): each value stripped of trailing NULs and spaces."""
+        """As pydicom's text conversion (then ``_text``) of a text element (LO, SH) that is ASCII
+        under an ASCII-compatible character set: each value stripped of trailing NULs and spaces."""
         value = self._values.get(keyword)
         return "" if value is None else "\\".join(v.rstrip("\0 ") for v in value.split("\\"))
 
     def uint(self, keyword: str) -> int | None:
         text = self.ascii(keyword)
         return int(text) if text else None
-
-    def number(self, keyword: str, default: float) -> float:
-        """As :func:`hnct.dicomio._number` (the texts were checked to parse)."""
-        text = self.ascii(keyword)
-        return float(text) if text else default
 
     @property
     def transfer_syntax(self) -> str:
