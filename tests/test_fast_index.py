@@ -3,7 +3,8 @@ field, and the same HU; files it cannot vouch for are read by pydicom, each with
 
 The comparisons run in a child process that imports hnct.dicomio alone: GDCM's scanner refuses to
 run once SimpleITK (which the test modules import) is loaded after python-gdcm, so in the pytest
-process the compiled index may be off (that guard is tested here too).
+process the compiled index may be off (tests/conftest.py imports SimpleITK first so that it is not;
+the guard is tested here too).
 """
 
 from __future__ import annotations
