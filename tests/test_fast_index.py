@@ -123,9 +123,10 @@ def test_compiled_index_equals_pydicoms_on_generated_series(tmp_path):
         folders[f"tilt{tilt}"] = tmp_path / f"tilt{tilt}"
         write_tilted_series(folders[f"tilt{tilt}"], tilt, n_slices=5)
     folders["oblique-tilt"] = tmp_path / "oblique-tilt"
-    for k in range(4):  # tilted 15 degrees about y
-        write_ct_series(folders["oblique-tilt"], 1, orientation=(0.96592583, 0.0, -0.25881905, 0.0, 1.0, 0.0), series_uid="1.2.9",
-                        study_uid="1.2.8", frame_uid="1.2.7", origin=(0.0, 0.0, 2.5 * k), names=lambda _k, k=k: f"{k}.dcm")
+    about_y = (0.96592583, 0.0, -0.25881905, 0.0, 1.0, 0.0)  # tilted 15 degrees about y
+    for k in range(4):
+        write_ct_series(folders["oblique-tilt"], 1, orientation=about_y, series_uid="1.2.9", study_uid="1.2.8",
+                        frame_uid="1.2.7", origin=(0.0, 0.0, 2.5 * k), names=lambda _k, k=k: f"{k}.dcm")
     folders["uneven"] = tmp_path / "uneven"
     write_ct_series(folders["uneven"], 7, skip=(3,))
     folders["no-uid"] = tmp_path / "no-uid"
