@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# SimpleITK before anything loads python-gdcm (pydicom's codec plugins do, test modules import
+# pydicom): in the other order GDCM's header scanner (hnct.gdcm_index) is refused in the process,
+# and the in-process tests would exercise only pydicom's header path.
+import SimpleITK  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -169,9 +169,10 @@ def test_native_pixel_read_equals_pydicoms_pixel_array(tmp_path, monkeypatch, si
 
 
 def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom_does(tmp_path):
-    """Importing hnct.dicomio (before pydicom) imports no codec package; asking pydicom's registry
-    about a compressed syntax registers the plugins exactly as a plain pydicom import does (same
-    available plugins in the same order, same unavailable ones, for every decoder and encoder)."""
+    """hnct.dicomio importing pydicom (before anything else did) imports no codec package; asking
+    pydicom's registry about a compressed syntax registers the plugins exactly as a plain pydicom
+    import does (same available plugins in the same order, same unavailable ones, for every decoder
+    and encoder)."""
     from pydicom.pixels import pixel_array
     from pydicom.uid import JPEG2000Lossless
 
@@ -188,6 +189,7 @@ def test_codec_plugins_load_only_for_a_compressed_syntax_and_register_as_pydicom
         "import json, sys\n"
         "if sys.argv[1] == 'hnct':\n"
         "    from hnct import dicomio\n"
+        "    dicomio._import_pydicom()  # as any file GDCM's index leaves to pydicom imports it\n"
         "    print(json.dumps(sorted(set(dicomio.DEFERRED_CODECS) & set(sys.modules))))\n"
         "    import pydicom  # the first compressed file met registers the plugins\n"
         "    print(dicomio._stored_values(pydicom.dcmread(sys.argv[2])).tolist())\n"
@@ -453,3 +455,22 @@ def test_fill_polygon_agrees_with_skimage_on_random_polygons():
         # Pixel centres lying exactly on an edge may go either way; random vertices make that rare.
         assert (ours != reference).sum() <= 2, (ours != reference).sum()
     assert dicomio.fill_polygon(np.array([1.0, 5.0, 5.0]), np.array([2.0, 2.0, 2.0]), (8, 8)).sum() == 0
+
+
+@pytest.mark.parametrize("keyword,value,reason", [
+    ("ImageOrientationPatient", ["1", "0", "0", "0", "0.99", "0.141067"], "mixed orientations"),
+    ("PixelSpacing", ["0.5", "0.81"], "mixed pixel spacings"),
+    ("Rows", 8, "mixed matrix sizes"),
+    ("ImageOrientationPatient", ["1", "0", "0", "0", "1"], "orientation of a slice .* has 5 values"),
+])
+def test_mixed_slice_headers_name_the_first_slice_that_differs(tmp_path, keyword, value, reason):
+    ct = write_ct_series(tmp_path, 5, names=lambda k: f"{k}.dcm")
+    for k in (2, 4):
+        ds = pydicom.dcmread(ct["files"][k])
+        setattr(ds, keyword, value)
+        ds.save_as(ct["files"][k])
+    index = dicomio.index_series(tmp_path)
+    row, _ = dicomio.choose_ct_series("C", tmp_path, index)
+    with pytest.raises(InputError, match=reason) as err:
+        dicomio.slice_geometry("C", row)
+    assert err.value.file == str(ct["files"][2])

@@ -10,6 +10,9 @@ file under the folder is tried; files that are not DICOM are listed in ``df.attr
 A series is its SeriesInstanceUID, or, where that is empty (anonymised exports), the header facts
 its files share (study, series number, frame of reference, orientation, acquisition number).
 An enhanced multi-frame CT file is one slice per frame (positions from its functional groups).
+Headers of plain uncompressed single-frame images come from GDCM's compiled scanner
+(:mod:`hnct.gdcm_index`, the same values), every other file's from pydicom, which is imported
+only then: a plain CT conversion never imports pydicom.
 
 Choosing the CT series (:func:`choose_ct_series`), the rule recorded as ``series_choice``:
 
@@ -185,20 +188,44 @@ def register_pixel_plugins() -> None:
             coder._available = {label: coder._available[label] for label in ranked}
 
 
-pydicom = _import_pydicom()
-from pydicom.dataelem import RawDataElement  # noqa: E402
-from pydicom.errors import InvalidDicomError  # noqa: E402
-from pydicom.pixels import apply_rescale, pixel_array  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian  # noqa: E402
+def pixel_array(ds: pydicom.Dataset) -> np.ndarray:
+    """pydicom's ``pixel_array`` (the stored values of every frame), pydicom imported on first use."""
+    _import_pydicom()
+    from pydicom.pixels import pixel_array as decode
+
+    return decode(ds)
+
+
+def apply_rescale(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """pydicom's ``apply_rescale`` (Modality LUT or rescale slope / intercept)."""
+    _import_pydicom()
+    from pydicom.pixels import apply_rescale as rescale
+
+    return rescale(stored, ds)
+
+
+def dcmread(path: str | os.PathLike, **kwargs: Any) -> pydicom.Dataset:
+    """``pydicom.dcmread``, pydicom imported (:func:`_import_pydicom`) on first use."""
+    return _import_pydicom().dcmread(path, **kwargs)
+
+
+def _invalid_dicom() -> type[Exception]:
+    """pydicom's InvalidDicomError, for an except clause (evaluated only once something was raised)."""
+    return _import_pydicom().errors.InvalidDicomError
+
 
 from hnct.common import InputError, progress  # noqa: E402
+from hnct.gdcm_index import NATIVE_SYNTAXES, ScannedHeader, scan_headers  # noqa: E402
 from hnct.structures import harmonise, normalise_name, raise_if_ambiguous  # noqa: E402,F401
 
-# SimpleITK (0.2-0.4 s to import) is imported only where labels, resampling of label masks or an
-# image object are needed: the plain CT path (hnct.convert --labels none) never loads it.
+# pydicom (0.15-0.25 s to import) is imported only for a file GDCM's header index cannot vouch for
+# (hnct.gdcm_index: compressed, multi-frame, SEG, RTSTRUCT, ...) or to read labels; SimpleITK
+# (0.2-0.4 s) only where labels, resampling of label masks or an image object are needed: the
+# plain CT path (hnct.convert --labels none on an uncompressed series) loads neither.
 # pandas is imported only to build index_series' DataFrame.
 if TYPE_CHECKING:
     import pandas as pd
+    import pydicom
     import SimpleITK as sitk
 
 log = logging.getLogger("hnct.dicomio")
@@ -239,7 +266,9 @@ SPACING_TOL_MM = 1e-4
 def _text(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    from pydicom.multival import MultiValue  # _text reads values of pydicom datasets only
+
+    if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value)
 
@@ -262,7 +291,10 @@ SNAKEMAKE_MARKER = ".snakemake_timestamp"
 def _ascii(ds: pydicom.Dataset, keyword: str) -> str:
     """The value of an ASCII-only element (VR UI, CS, IS, DS) as text, multiple values joined by
     backslashes, straight from the raw bytes when pydicom has not converted it yet: converting
-    DS/IS values to pydicom objects is half the cost of indexing a folder."""
+    DS/IS values to pydicom objects is half the cost of indexing a folder. A ScannedHeader (GDCM's
+    values, :mod:`hnct.gdcm_index`) gives the same text."""
+    if isinstance(ds, ScannedHeader):
+        return ds.ascii(keyword)
     element = ds.get_item(keyword)
     if element is None:
         return ""
@@ -281,6 +313,8 @@ def _series_text(ds: pydicom.Dataset, keyword: str) -> str:
     """``_text(ds.get(keyword))`` for a character-set dependent text element (LO, SH, ...), decoded
     by pydicom once per distinct raw value and character set: every file of a series repeats its
     patient, description and scanner, and each decoding costs tens of microseconds."""
+    if isinstance(ds, ScannedHeader):
+        return ds.text(keyword)  # ASCII under a character set that reads it as ASCII (vouched)
     element = ds.get_item(keyword)
     value = getattr(element, "value", None)
     if not isinstance(value, (bytes, bytearray)):
@@ -297,6 +331,8 @@ def _uint(ds: pydicom.Dataset, keyword: str) -> int | None:
     """A single-valued US element (Rows, BitsAllocated, ...) as ``ds.get(keyword)`` gives it, read
     from its raw little-endian bytes when pydicom has not converted it yet: each conversion costs
     tens of microseconds, and convert reads a dozen such values of every slice."""
+    if isinstance(ds, ScannedHeader):
+        return ds.uint(keyword)
     element = ds.get_item(keyword)
     if element is None:
         return None
@@ -330,6 +366,8 @@ def _iter_files(folder: Path) -> Iterable[Path]:
 
 def _frame_item(ds: pydicom.Dataset, frame: int | None, sequence: str) -> pydicom.Dataset | None:
     """The first item of functional group ``sequence`` for ``frame`` (per-frame, else shared)."""
+    if isinstance(ds, ScannedHeader):
+        return None  # GDCM's index vouches only for files without functional groups
     if frame is not None:
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if per_frame and frame < len(per_frame) and per_frame[frame].get(sequence):
@@ -383,10 +421,12 @@ class SeriesIndex(list):
     costs a third of a second of every convert job."""
 
     def __init__(self, rows: Iterable[dict[str, Any]] = (), unreadable: Iterable[tuple[str, str]] = (),
-                 skipped_summary: str = ""):
+                 skipped_summary: str = "", read_by_pydicom: Mapping[str, str] | None = None):
         super().__init__(rows)
         self.unreadable = list(unreadable)
         self.skipped_summary = skipped_summary
+        # Files whose headers pydicom read (GDCM's index could not vouch for them), with the reason.
+        self.read_by_pydicom = dict(read_by_pydicom or {})
 
 
 def as_series_index(index: "SeriesIndex | pd.DataFrame") -> SeriesIndex:
@@ -408,7 +448,7 @@ def index_series(folder: str | os.PathLike, keep_datasets: bool = False) -> "pd.
     return df
 
 
-def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> SeriesIndex:
+def scan_series(folder: str | os.PathLike, keep_datasets: bool = False, compiled: bool = True) -> SeriesIndex:
     """One row per series found under ``folder`` (any layout), from headers only.
 
     A series is its SeriesInstanceUID; files whose SeriesInstanceUID is empty or missing are
@@ -425,25 +465,34 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
     pixel_spacing, rows, cols). Files skipped are listed in ``unreadable`` as ``(path, reason)``
     and summarised in ``skipped_summary`` ("2 non-DICOM files").
 
-    With ``keep_datasets`` (convert) every file is parsed whole, its pixel data deferred, and the
-    instance keeps it as ``dataset``: decoding then reads only the pixel data, so each file's
-    header is parsed once. Otherwise (a folder index) only the header tags above are read.
+    Headers come from GDCM's compiled scanner (:mod:`hnct.gdcm_index`) for the plain uncompressed
+    single-frame images it vouches for, the same values pydicom gives; every other file (listed
+    in ``read_by_pydicom`` with the reason), or every file with ``compiled`` False, is read by
+    pydicom. With ``keep_datasets`` (convert) the instance keeps its header as ``dataset``: GDCM's
+    (with the verified offset of the stored values) or pydicom's whole parse, pixel data
+    deferred, so that decoding reads only the pixel data and each header is parsed once.
+    Otherwise (a folder index) pydicom reads only the header tags above.
     """
     folder = Path(folder)
     skipped: list[tuple[str, str, str]] = []
     by_series: dict[str, list[dict[str, Any]]] = {}
     identity: dict[str, dict[str, str]] = {}
     paths = list(_iter_files(folder)) if folder.is_dir() else []
+    scanned, read_by_pydicom = scan_headers(paths) if compiled else ({}, {str(p): "compiled index off" for p in paths})
+    if paths:
+        log.info("indexing %s: %d file(s) through GDCM's scanner, %d through pydicom", folder, len(scanned),
+                 len(read_by_pydicom))
     for path in progress(paths, every=200, what=f"indexing {folder}"):
         try:
-            if keep_datasets:
-                ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-            else:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
+            ds = scanned.get(str(path))
+            if ds is None and keep_datasets:
+                ds = dcmread(path, defer_size=DEFER_BYTES)
+            elif ds is None:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=INDEX_TAGS)
         except OSError as err:
             skipped.append((str(path), "unreadable files", f"cannot read the file: {err}"))
             continue
-        except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
+        except (_invalid_dicom(), EOFError, ValueError, TypeError, AttributeError, KeyError) as err:
             skipped.append((str(path), "non-DICOM files", f"not readable as DICOM: {type(err).__name__}: {err}"))
             continue
         n_frames = int(_number(ds, "NumberOfFrames", 1) or 1)
@@ -516,7 +565,8 @@ def scan_series(folder: str | os.PathLike, keep_datasets: bool = False) -> Serie
             "kernel": first["kernel"],
             "instances": instances,
         })
-    return SeriesIndex(rows, [(path, reason) for path, _, reason in skipped], _skip_summary(skipped))
+    return SeriesIndex(rows, [(path, reason) for path, _, reason in skipped], _skip_summary(skipped),
+                       read_by_pydicom)
 
 
 # ----------------------------------------------------------------------------- series choice
@@ -587,22 +637,38 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _check_uniform_headers(case: str, uid: str, instances: list[dict[str, Any]]) -> None:
-    """Raise InputError unless every slice has position, orientation and spacing, all alike."""
+    """Raise InputError unless every slice has position, orientation and spacing, all alike.
+
+    The slices are compared with the first all at once (np.isclose with np.allclose's rtol);
+    the error names the first slice that differs, in the order orientation, spacing, matrix."""
     for inst in instances:
         if inst["position"] is None or inst["orientation"] is None or inst["pixel_spacing"] is None:
             raise InputError(case, inst["file"], f"slice of series {uid} lacks ImagePositionPatient, "
                              "ImageOrientationPatient or PixelSpacing")
     first = instances[0]
-    for inst in instances[1:]:
-        if not np.allclose(inst["orientation"], first["orientation"], atol=COSINE_TOL):
-            raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
-                             f"vs {tuple(first['orientation'])} in {first['file']}")
-        if not np.allclose(inst["pixel_spacing"], first["pixel_spacing"], atol=SPACING_TOL_MM):
-            raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
-                             f"vs {tuple(first['pixel_spacing'])} mm in {first['file']}")
-        if (inst["rows"], inst["cols"]) != (first["rows"], first["cols"]):
-            raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
-                             f"{inst['rows']}x{inst['cols']} vs {first['rows']}x{first['cols']}")
+    checks = {}
+    for field, tol in (("orientation", COSINE_TOL), ("pixel_spacing", SPACING_TOL_MM)):
+        odd = next((inst for inst in instances if len(inst[field]) != len(first[field])), None)
+        if odd is not None:
+            raise InputError(case, odd["file"], f"{field} of a slice of series {uid} has {len(odd[field])} values, "
+                             f"{len(first[field])} in {first['file']}")
+        values = np.array([inst[field] for inst in instances], dtype=float)
+        checks[field] = ~np.isclose(values, values[0], rtol=1e-05, atol=tol).all(axis=1)
+    matrices = np.array([(inst["rows"], inst["cols"]) for inst in instances])
+    checks["matrix"] = (matrices != matrices[0]).any(axis=1)
+    differs = checks["orientation"] | checks["pixel_spacing"] | checks["matrix"]
+    if not differs.any():
+        return
+    index = int(np.argmax(differs))
+    inst = instances[index]
+    if checks["orientation"][index]:
+        raise InputError(case, inst["file"], f"mixed orientations in series {uid}: {inst['orientation']} "
+                         f"vs {tuple(first['orientation'])} in {first['file']}")
+    if checks["pixel_spacing"][index]:
+        raise InputError(case, inst["file"], f"mixed pixel spacings in series {uid}: {inst['pixel_spacing']} "
+                         f"vs {tuple(first['pixel_spacing'])} mm in {first['file']}")
+    raise InputError(case, inst["file"], f"mixed matrix sizes in series {uid}: "
+                     f"{inst['rows']}x{inst['cols']} vs {first['rows']}x{first['cols']}")
 
 
 def _gap_error(case: str, uid: str, files: list[str], along: np.ndarray, steps: np.ndarray, spread: float,
@@ -796,17 +862,28 @@ def _rescale_to_hu(stored: np.ndarray, ds: pydicom.Dataset,
         return stored, int(intercept)
     if transform is not None:
         return np.rint(stored * slope + intercept), None
+    if isinstance(ds, ScannedHeader):  # both elements present (vouched): apply_rescale's arithmetic
+        slope_text, intercept_text = ds.ascii("RescaleSlope"), ds.ascii("RescaleIntercept")
+        return np.rint(stored.astype(np.float64) * float(slope_text) + float(intercept_text)), None
     return np.rint(apply_rescale(stored, ds)), None
 
 
-def _decode_error(file: str, ds: pydicom.Dataset | None, err: Exception) -> str:
+def _transfer_syntax(ds: pydicom.Dataset | ScannedHeader | None) -> tuple[str, str] | None:
+    """(UID, name) of a file's transfer syntax, None when its header has none."""
+    if isinstance(ds, ScannedHeader):
+        return ds.transfer_syntax, NATIVE_SYNTAXES[ds.transfer_syntax]
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    named = f" of transfer syntax {syntax.name} ({syntax})" if syntax else ""
+    return (str(syntax), syntax.name) if syntax else None
+
+
+def _decode_error(file: str, ds: pydicom.Dataset | ScannedHeader | None, err: Exception) -> str:
+    syntax = _transfer_syntax(ds)
+    named = f" of transfer syntax {syntax[1]} ({syntax[0]})" if syntax else ""
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"cannot decode pixel data{named}: {type(err).__name__}: {first_line}"
 
 
-def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
+def _stored_values(ds: pydicom.Dataset | ScannedHeader, out: np.ndarray | None = None) -> np.ndarray:
     """The stored pixel values of a file, as pydicom's ``pixel_array`` gives them.
 
     Uncompressed little-endian, 16 bits allocated, one sample, one frame (nearly every CT slice)
@@ -814,11 +891,14 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     it (else from the bytes in memory): pydicom's decoder framework costs about 2 ms a slice on top
     (a quarter of a 134-slice conversion), its deferred read another parse of the element. Its length is checked as pydicom checks
     it, and unused high bits are corrected as pydicom does (masked for unsigned values, sign
-    extended for signed ones). Anything else goes through pydicom.
+    extended for signed ones). Anything else goes through pydicom. A ScannedHeader (GDCM's index,
+    which checked all of this and the offset of the stored values) is read from that offset.
+    ``out``: an int16 (rows, cols) slice of the volume being filled: values read from the file go
+    straight into its memory (returned as its uint16 or int16 view), saving an array a slice.
     """
     rows, cols = int(_uint(ds, "Rows") or 0), int(_uint(ds, "Columns") or 0)
-    native = (getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-              in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    syntax = _transfer_syntax(ds)
+    native = (syntax is not None and syntax[0] in NATIVE_SYNTAXES
               and _uint(ds, "BitsAllocated") == 16 and int(_uint(ds, "SamplesPerPixel") or 1) == 1
               and int(_number(ds, "NumberOfFrames", 1) or 1) == 1 and _uint(ds, "PixelRepresentation") in (0, 1)
               and "PerFrameFunctionalGroupsSequence" not in ds)
@@ -826,14 +906,13 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
     if not native or not 1 <= bits_stored <= 16:
         return pixel_array(ds)
     dtype, n_bytes = ("<i2" if _uint(ds, "PixelRepresentation") == 1 else "<u2"), rows * cols * 2
-    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
-    if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
+    offset = ds.pixel_offset if isinstance(ds, ScannedHeader) else _deferred_pixel_offset(ds, n_bytes)
+    if offset is not None:
         # Deferred while indexing: read straight from the value's offset in the file, so the
         # bytes are read once (pydicom's deferred read re-opens the file and parses the element again).
-        stored = np.fromfile(ds.filename, dtype=dtype, count=rows * cols, offset=element.value_tell)
-        if stored.size != rows * cols:
-            return pixel_array(ds)  # a truncated file: pydicom's own error
-        stored = stored.reshape(rows, cols)
+        stored = _read_at(ds.filename, offset, rows, cols, dtype, out)
+        if stored is None:  # a truncated file (changed since indexing): pydicom's own error
+            return pixel_array(dcmread(ds.filename) if isinstance(ds, ScannedHeader) else ds)
     else:
         data = ds.get("PixelData")
         if data is None or len(data) != n_bytes:
@@ -841,8 +920,42 @@ def _stored_values(ds: pydicom.Dataset) -> np.ndarray:
         stored = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
     if bits_stored < 16:
         shift = 16 - bits_stored  # arithmetic shift on int16 extends the sign, on uint16 it masks
-        stored = (stored << shift) >> shift
+        if out is not None and np.shares_memory(stored, out):
+            np.left_shift(stored, shift, out=stored)
+            np.right_shift(stored, shift, out=stored)
+        else:
+            stored = (stored << shift) >> shift
     return stored
+
+
+def _read_at(path: str, offset: int, rows: int, cols: int, dtype: str, out: np.ndarray | None) -> np.ndarray | None:
+    """``rows * cols`` little-endian 16-bit values at ``offset`` of ``path`` as a (rows, cols)
+    array of ``dtype``: in ``out``'s memory when it fits (a C-contiguous int16 array of that shape,
+    on a little-endian machine), else a new array; None when the file ends before."""
+    if out is None or out.shape != (rows, cols) or out.dtype != np.int16 or not out.flags.c_contiguous \
+            or sys.byteorder != "little":
+        stored = np.fromfile(path, dtype=dtype, count=rows * cols, offset=offset)
+        return stored.reshape(rows, cols) if stored.size == rows * cols else None
+    buffer = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        filled = 0
+        while filled < len(buffer):
+            n = fh.readinto(buffer[filled:])
+            if not n:
+                return None
+            filled += n
+    return out.view(dtype)
+
+
+def _deferred_pixel_offset(ds: pydicom.Dataset, n_bytes: int) -> int | None:
+    """Offset in its file of a pixel data value of ``n_bytes`` that pydicom deferred, else None."""
+    from pydicom.dataelem import RawDataElement
+
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None and element.length == n_bytes and ds.filename:
+        return element.value_tell
+    return None
 
 
 def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None] | None = None,
@@ -866,15 +979,21 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
         remaining[file] = remaining.get(file, 0) + 1
     decoded: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
     volume: np.ndarray | None = None
+    if datasets and all(isinstance(ds, ScannedHeader) for ds in datasets) and frames == [None] * len(files):
+        # GDCM's index gave every slice's matrix: the stored values are read into the volume itself.
+        volume = np.empty((len(files), int(_uint(datasets[0], "Rows")), int(_uint(datasets[0], "Columns"))),
+                          dtype=np.int16)
     n_clipped = 0
     for index, (file, frame, ds) in enumerate(progress(list(zip(files, frames, datasets)), every=100,
                                                       what="decoding slices")):
         try:
             if file not in decoded:
-                ds = ds if ds is not None and "PixelData" in ds else pydicom.dcmread(file)
+                if ds is None or not isinstance(ds, ScannedHeader) and "PixelData" not in ds:
+                    ds = dcmread(file)
                 # Decoded without caching the array on the (index's) dataset; the pixel data bytes
                 # it loaded are released below, once the file's frames are placed.
-                decoded[file] = (ds, _stored_values(ds))
+                slot = volume[index] if volume is not None else None
+                decoded[file] = (ds, _stored_values(ds, out=slot))
             ds, stored = decoded[file]
             if frame is not None:
                 if stored.ndim != 3 or frame >= stored.shape[0]:
@@ -888,7 +1007,8 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
             raise InputError(case, file, _decode_error(file, ds, err)) from None
         remaining[file] -= 1
         if not remaining[file]:
-            del decoded[file][0].PixelData
+            if not isinstance(decoded[file][0], ScannedHeader):
+                del decoded[file][0].PixelData
             del decoded[file]
         if hu.ndim != 2:
             raise InputError(case, file, f"expected one 2-D frame per slice, got pixel data of shape {hu.shape}")
@@ -898,8 +1018,14 @@ def _read_pixels_hu(case: str, files: Sequence[str], frames: Sequence[int | None
             raise InputError(case, file, f"slices differ in pixel matrix size: {hu.shape} vs {volume.shape[1:]}")
         if intercept is not None:
             if INT16_MIN <= int(hu.min()) + intercept and int(hu.max()) + intercept <= INT16_MAX:
-                # The common case: added in int32, written into the int16 slice, no temporary volume.
-                np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
+                if np.shares_memory(hu, volume[index]):
+                    # Read into the slice itself: added in place modulo 2**16, which leaves the int16
+                    # bits of HU (in range, as just checked) whether stored as uint16 or int16.
+                    slot = volume[index].view(np.uint16)
+                    np.add(slot, np.uint16(intercept % 65536), out=slot)
+                else:
+                    # The common case: added in int32, written into the int16 slice, no temporary volume.
+                    np.add(hu, np.int32(intercept), out=volume[index], casting="unsafe")
                 continue
             hu = hu.astype(np.int32) + intercept
         outside = (hu < INT16_MIN) | (hu > INT16_MAX)
@@ -1139,8 +1265,8 @@ def rtstruct_label_map(case: str, index: "SeriesIndex | pd.DataFrame", series: d
     for row in rt_rows:
         for file in row["files"]:
             try:
-                ds = pydicom.dcmread(file)
-            except (InvalidDicomError, OSError, ValueError) as err:
+                ds = dcmread(file)
+            except (_invalid_dicom(), OSError, ValueError) as err:
                 rejected.append(InputError(case, file, f"RTSTRUCT {file} is unreadable: {err}"))
                 continue
             try:
