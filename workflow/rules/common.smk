@@ -283,6 +283,8 @@ def get_report_outputs():
     shortcuts = (
         ["results/report/baselines.csv"] if tasks_of_kind("classification") else []
     )
+    # The permuted-label control (report.smk: permutation_control) where train.permutation_seeds is set.
+    shortcuts += ["results/report/permutation_control.csv"] if PERMUTATION_RUNS else []
     return (
         [
             "results/report/metrics_summary.csv",

@@ -46,3 +46,59 @@ rule train_fold:
         "python -m hnct.train --task {wildcards.task} --model {wildcards.model} --fold {wildcards.fold}"
         " --out-dir {params.out_dir:q} --config {params.config:q} {params.inputs} {params.plugins}"
         " --threads {threads} --log {log:q}"
+
+
+# train_permuted_fold{task, model, seed, fold}: the permuted-label control (train.permutation_seeds,
+# train.permutation_models; tasks whose registry entry has label_permutation: classify). The same job
+# as train_fold, with the training side's labels permuted by the trainer (--permutation-seed; outer
+# fold and test set keep their true labels; the inner selection as in the real run), in its own folder
+# so that no real table, ensemble or figure reads it: only the report's permutation_control table does.
+# The job's --config is the real run's: changing the seeds adds or drops these jobs and nothing else.
+PERMUTATION_SEEDS = [int(seed) for seed in config["train"]["permutation_seeds"]]
+
+
+def permutation_runs():
+    """(task, model) pairs of the permuted-label control: the listed models (default: the first one)
+    of each configured task that supports it."""
+    tasks = [task for task in TASKS if TASK[task].label_permutation]
+    chosen = config["train"]["permutation_models"]
+    if chosen is None:
+        return [(task, models_for(task)[0]) for task in tasks if models_for(task)]
+    runs = [
+        (task, model) for task in tasks for model in models_for(task) if model in chosen
+    ]
+    unknown = sorted(set(chosen) - {model for _, model in runs})
+    if unknown:
+        trained = {task: models_for(task) for task in tasks}
+        raise ValueError(
+            f"train.permutation_models: {unknown} trained by no task with a permuted-label control "
+            f"(tasks and their models: {trained or 'none configured'})"
+        )
+    return runs
+
+
+PERMUTATION_RUNS = permutation_runs() if PERMUTATION_SEEDS else []
+PERMUTED_TRAIN_DIR = "results/train_permuted/{task}/{model}/seed{seed}/fold{fold}"
+
+
+def get_permuted_train_options(wildcards, input):
+    return f"{get_train_options(wildcards, input)} --permutation-seed {int(wildcards.seed)}"
+
+
+use rule train_fold as train_permuted_fold with:
+    output:
+        best=f"{PERMUTED_TRAIN_DIR}/best.pt",
+        summary=f"{PERMUTED_TRAIN_DIR}/best.json",
+        history=f"{PERMUTED_TRAIN_DIR}/history.csv",
+        predictions=f"{PERMUTED_TRAIN_DIR}/val_predictions.csv",
+        inner_predictions=f"{PERMUTED_TRAIN_DIR}/inner_predictions.csv",
+        test_predictions=f"{PERMUTED_TRAIN_DIR}/test_predictions.csv",
+        labels=f"{PERMUTED_TRAIN_DIR}/permuted_labels.tsv",
+    log:
+        "logs/train_permuted_fold/{task}_{model}_seed{seed}_{fold}.log",
+    wildcard_constraints:
+        task=tasks_where("label_permutation"),
+        seed=r"\d+",
+    params:
+        out_dir=PERMUTED_TRAIN_DIR,
+        inputs=get_permuted_train_options,
