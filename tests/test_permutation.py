@@ -181,6 +181,13 @@ def test_permutation_table_puts_the_real_auc_with_its_ci_beside_the_permuted_run
     assert real_row["value"] == pytest.approx(classification_metrics(pooled["label"], pooled["probability"],
                                                                      threshold=0.5)["auc"], abs=1e-9)
     assert real_row["ci_low"] <= real_row["value"] <= real_row["ci_high"] and real_row["n_resamples"] == 200
+    # ... with the very interval the metrics summary prints for it (same rows, bootstrap and seed)
+    folds = report.read_folds([folds_tsv])
+    summary = report.summary_table(pd.DataFrame({"task": ["classify"] * 2, "model": ["cnn3d"] * 2, "auc": [0.5, 0.5]}),
+                                   report.pooled_rows(real, [], folds), n_bootstrap=200, seed=7)
+    auc = summary[summary["metric"] == "auc"].iloc[0]
+    assert (real_row["value"], real_row["ci_low"], real_row["ci_high"]) == pytest.approx(
+        (auc["pooled"], auc["ci_low"], auc["ci_high"]), abs=1e-12)
     assert real_row["n_cases"] == len(pooled) and real_row["n_patients"] == pooled["case"].str[:3].nunique()
     aucs = []
     for seed, row in zip((1, 2, 3), table.iloc[1:4].itertuples()):
@@ -210,27 +217,45 @@ def test_permuted_runs_without_the_real_run_are_an_error(prediction_files):
 JOB = re.compile(r"^(?:local)?rule (\w+):\n((?:    \w[\w ]*: .*\n)*)(?:Shell command: (.*)\n)?", re.M)
 
 
-def dag(tmp_path: Path, name: str, extra: str) -> dict[tuple[str, str], tuple[str, str]]:
-    """(rule, outputs) -> (inputs, shell command) of every job of a --forceall dry run of the small demo."""
+def dry_run(tmp_path: Path, name: str, extra: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    """A dry run of the small demo (tests/slurm/demo_small.yaml) with ``extra`` config, started; its
+    output goes to ``tmp_path/{name}.out``."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(extra)
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "1",
-                           "--directory", str(tmp_path / name), "--snakefile", str(REPO / "Snakefile"),
-                           "--configfile", str(REPO / "config" / "config.yaml"),
-                           str(REPO / "tests" / "slurm" / "demo_small.yaml"), str(config)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = tmp_path / f"{name}.out"
+    with output.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args,
+                                 "--directory", str(tmp_path / name), "--snakefile", str(REPO / "Snakefile"),
+                                 "--configfile", str(REPO / "config" / "config.yaml"),
+                                 str(REPO / "tests" / "slurm" / "demo_small.yaml"), str(config)],
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+    return proc, output
+
+
+def finished(started: tuple[subprocess.Popen, Path]) -> tuple[int, str]:
+    """The dry run's exit status and output (stdout and stderr), once it has ended."""
+    proc, output = started
+    return proc.wait(timeout=300), output.read_text()
+
+
+def dag_jobs(started: tuple[subprocess.Popen, Path]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(rule, outputs) -> (inputs, shell command) of every job a ``-p --forceall`` dry run lists."""
+    returncode, stdout = finished(started)
+    assert returncode == 0, stdout[-6000:]
     jobs = {}
-    for match in JOB.finditer(proc.stdout):
+    for match in JOB.finditer(stdout):
         fields = dict(line.strip().split(": ", 1) for line in match.group(2).splitlines())
         jobs[(match.group(1), fields.get("output", ""))] = (fields.get("input", ""), match.group(3) or "")
-    assert jobs, proc.stdout[-3000:]
+    assert jobs, stdout[-3000:]
     return jobs
 
 
 def test_permutation_seeds_add_their_runs_and_the_table_and_change_no_other_job(tmp_path):
-    plain = dag(tmp_path, "plain", "train:\n  permutation_seeds: []\n")
-    seeded = dag(tmp_path, "seeded", "train:\n  permutation_seeds: [3, 5]\n  permutation_models: [cnn3d]\n")
+    # both dry runs at once (each mostly parses the workflow)
+    started = [dry_run(tmp_path, "plain", "train:\n  permutation_seeds: []\n", "-p", "--forceall"),
+               dry_run(tmp_path, "seeded", "train:\n  permutation_seeds: [3, 5]\n  permutation_models: [cnn3d]\n",
+                       "-p", "--forceall")]
+    plain, seeded = (dag_jobs(run) for run in started)
     added = {key: value for key, value in seeded.items() if key not in plain}
     # every job of the run without the control is there, defined exactly as before (inputs, command)
     assert {key: seeded[key] for key in plain if key[0] != "all"} == {k: v for k, v in plain.items() if k[0] != "all"}
@@ -255,11 +280,6 @@ def test_permutation_seeds_add_their_runs_and_the_table_and_change_no_other_job(
 
 
 def test_a_permutation_model_no_supporting_task_trains_is_an_error(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("train:\n  permutation_seeds: [1]\n  permutation_models: [unet]\n")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--directory", str(tmp_path),
-                           "--snakefile", str(REPO / "Snakefile"), "--configfile", str(REPO / "config" / "config.yaml"),
-                           str(REPO / "tests" / "slurm" / "demo_small.yaml"), str(config)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "train.permutation_models: ['unet'] trained by no task with a permuted-label control" in proc.stdout + proc.stderr
+    returncode, output = finished(dry_run(tmp_path, "bad", "train:\n  permutation_seeds: [1]\n  permutation_models: [unet]\n"))
+    assert returncode != 0
+    assert "train.permutation_models: ['unet'] trained by no task with a permuted-label control" in output

@@ -236,21 +236,21 @@ rule shortcut_checks:
 # real and permuted validation predictions and the folds tables (patients for the bootstrap), so
 # changing the seeds reruns the permuted runs and this table alone.
 def permutation_prediction_files(directory):
+    """The outer-fold predictions under ``directory`` (a pattern of task, model, fold, and seed for the
+    permuted runs) of every permuted model, in fold order (the real ones: the metrics summary's order,
+    so the bootstrap draws the same resamples)."""
+    seeds = PERMUTATION_SEEDS if "{seed}" in directory else [None]
     return [
         f"{directory.format(task=task, model=model, seed=seed, fold=fold)}/val_predictions.csv"
         for task, model in PERMUTATION_RUNS
-        for seed in PERMUTATION_SEEDS
+        for seed in seeds
         for fold in FOLDS
     ]
 
 
 rule permutation_control:
     input:
-        real=sorted(
-            set(
-                permutation_prediction_files("results/train/{task}/{model}/fold{fold}")
-            )
-        ),
+        real=permutation_prediction_files("results/train/{task}/{model}/fold{fold}"),
         permuted=permutation_prediction_files(PERMUTED_TRAIN_DIR),
         folds=sorted(
             {f"results/folds/{task}/folds.tsv" for task, _ in PERMUTATION_RUNS}
