@@ -235,19 +235,6 @@ rule shortcut_checks:
 # pooled AUC with its CI beside the pooled AUC of each permuted-label run. Reads only those models'
 # real and permuted validation predictions and the folds tables (patients for the bootstrap), so
 # changing the seeds reruns the permuted runs and this table alone.
-def permutation_prediction_files(directory):
-    """The outer-fold predictions under ``directory`` (a pattern of task, model, fold, and seed for the
-    permuted runs) of every permuted model, in fold order (the real ones: the metrics summary's order,
-    so the bootstrap draws the same resamples)."""
-    seeds = PERMUTATION_SEEDS if "{seed}" in directory else [None]
-    return [
-        f"{directory.format(task=task, model=model, seed=seed, fold=fold)}/val_predictions.csv"
-        for task, model in PERMUTATION_RUNS
-        for seed in seeds
-        for fold in FOLDS
-    ]
-
-
 rule permutation_control:
     input:
         real=permutation_prediction_files("results/train/{task}/{model}/fold{fold}"),

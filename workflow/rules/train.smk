@@ -54,37 +54,6 @@ rule train_fold:
 # fold and test set keep their true labels; the inner selection as in the real run), in its own folder
 # so that no real table, ensemble or figure reads it: only the report's permutation_control table does.
 # The job's --config is the real run's: changing the seeds adds or drops these jobs and nothing else.
-PERMUTATION_SEEDS = [int(seed) for seed in config["train"]["permutation_seeds"]]
-
-
-def permutation_runs():
-    """(task, model) pairs of the permuted-label control: the listed models (default: the first one)
-    of each configured task that supports it."""
-    tasks = [task for task in TASKS if TASK[task].label_permutation]
-    chosen = config["train"]["permutation_models"]
-    if chosen is None:
-        return [(task, models_for(task)[0]) for task in tasks if models_for(task)]
-    runs = [
-        (task, model) for task in tasks for model in models_for(task) if model in chosen
-    ]
-    unknown = sorted(set(chosen) - {model for _, model in runs})
-    if unknown:
-        trained = {task: models_for(task) for task in tasks}
-        raise ValueError(
-            f"train.permutation_models: {unknown} trained by no task with a permuted-label control "
-            f"(tasks and their models: {trained or 'none configured'})"
-        )
-    return runs
-
-
-PERMUTATION_RUNS = permutation_runs() if PERMUTATION_SEEDS else []
-PERMUTED_TRAIN_DIR = "results/train_permuted/{task}/{model}/seed{seed}/fold{fold}"
-
-
-def get_permuted_train_options(wildcards, input):
-    return f"{get_train_options(wildcards, input)} --permutation-seed {int(wildcards.seed)}"
-
-
 use rule train_fold as train_permuted_fold with:
     output:
         best=f"{PERMUTED_TRAIN_DIR}/best.pt",
