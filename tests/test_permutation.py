@@ -83,6 +83,9 @@ def test_missing_columns_and_an_empty_outer_fold_are_errors_naming_the_problem()
         permute_training_labels(folds.drop(columns="patient"), 0, 1)
     with pytest.raises(ValueError, match="fold 9 has no validation cases"):
         permute_training_labels(folds, 9, 1)
+    unnamed = folds.assign(patient=np.where(folds["case"] == "P01-0", "", folds["patient"]))
+    with pytest.raises(ValueError, match=r"1 training case\(s\) without a patient, e.g. \['P01-0'\]"):
+        permute_training_labels(unnamed, 0, 1)
 
 
 def test_only_tasks_whose_label_is_one_table_support_the_control(tmp_path):

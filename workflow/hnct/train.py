@@ -160,6 +160,10 @@ def permute_training_labels(folds: pd.DataFrame, fold: int, seed: int) -> pd.Dat
     if not (fold_text == str(fold)).any():
         raise ValueError(f"folds table: fold {fold} has no validation cases")
     training = folds[(fold_text != str(fold)) & (fold_text != "test")]
+    unnamed = training.loc[training["patient"].isna() | (training["patient"].astype(str).str.strip() == ""), "case"]
+    if len(unnamed):
+        raise ValueError(f"folds table: {len(unnamed)} training case(s) without a patient, e.g. "
+                         f"{list(unnamed[:3])}: the permuted-label control permutes labels by patient")
     rng = np.random.default_rng([int(seed), int(fold)])
     permuted = folds.copy()
     scans = {patient: rows.sort_values("case").index
