@@ -277,6 +277,9 @@ def test_permutation_seeds_add_their_runs_and_the_table_and_change_no_other_job(
             .replace(f"train_permuted/classify/cnn3d/seed{seed}/", "train/classify/cnn3d/") \
             .replace(f"cnn3d_seed{seed}_", "cnn3d_") == real[1]
         assert inputs == real[0]
+    # no model table, ensemble or figure reads a permuted run: only the control table does
+    readers = {key[0] for key, (inputs, _) in seeded.items() if "results/train_permuted/" in inputs}
+    assert readers == {"permutation_control"}
     control = next(value for key, value in added.items() if key[0] == "permutation_control")
     assert control[0].count("results/train_permuted/") == 2 * n_folds
     assert control[0].count("results/train/classify/cnn3d/") == n_folds
