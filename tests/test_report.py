@@ -31,7 +31,8 @@ def assert_every_interval_contains_its_value(report_dir) -> int:
     Returns how many intervals were checked."""
     checked = 0
     for name, value in (("metrics_summary.csv", "pooled"), ("metrics_test.csv", "value"),
-                        ("metrics_by_group.csv", "value"), ("baselines.csv", "value")):
+                        ("metrics_by_group.csv", "value"), ("baselines.csv", "value"),
+                        ("permutation_control.csv", "value")):
         path = report_dir / name
         if not path.exists():
             continue
@@ -42,7 +43,7 @@ def assert_every_interval_contains_its_value(report_dir) -> int:
         bad = rows[(rows["ci_low"] > rows[value] + 1e-12) | (rows[value] > rows["ci_high"] + 1e-12)]
         assert bad.empty, (name, bad)
         checked += len(rows)
-    for name in ("metrics_summary.md", "metrics_summary.tex", "shortcuts.md"):
+    for name in ("metrics_summary.md", "metrics_summary.tex", "shortcuts.md", "permutation_control.md"):
         path = report_dir / name
         if path.exists():
             cells = intervals_in(path.read_text())

@@ -22,6 +22,11 @@ Tables (``results/report/``):
                           evaluation kind: ``cv`` (mean over validation folds; published: mean of
                           its ``val_fold*`` rows), ``test_best_fold`` and ``test_ensemble``.
 
+``permutation_control.csv`` / ``.md``   the permuted-label control (``train.permutation_seeds``): per
+                          model, the real pooled AUC with its CI beside the pooled AUC of each run
+                          trained on permuted training-side labels, their mean, SD and range, and the
+                          permutation p-value (:func:`permutation_table`).
+
 Figures (PNG and SVG): ROC and PR curves per model with the fold spread, confusion matrices,
 training curves per model × fold, a reliability diagram, Dice/HD95 box plots, the cohort
 table (collection × T-stage with exclusions) and a crop QA mosaic.
@@ -542,6 +547,109 @@ def _write_text(text: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The permuted-label control
+
+PERMUTATION_COLUMNS = ["task", "model", "run", "permutation_seed", "metric", "value", "ci_low", "ci_high",
+                       "n_resamples", "n_folds", "n_cases", "n_patients", "sd", "min", "max", "p_permutation"]
+PERMUTATION_NOTE = (
+    "Each permuted run is the same model trained on every outer fold with the labels of that fold's "
+    "training side permuted (patients shuffled among patients with as many scans, class counts kept; "
+    "the inner selection as in the real run), then scored on the outer fold's true labels; pooled AUC "
+    "of its out-of-fold predictions. Real: the pooled AUC [95 % CI, patient-cluster bootstrap "
+    "stratified by class]. p: (1 + permuted runs with AUC >= real) / (1 + runs), at least 1 / (1 + runs). "
+    "A real AUC within the permuted runs' range means the model learnt nothing from the image.")
+
+
+def group_permuted_files(files: Iterable[str | Path]) -> dict[tuple[str, str, int], list[Path]]:
+    """Map (task, model, seed) to its fold files, from
+    ``results/train_permuted/{task}/{model}/seed{seed}/fold{k}/val_predictions.csv`` paths."""
+    grouped: dict[tuple[str, str, int], list[Path]] = {}
+    for f in files:
+        path = Path(f)
+        seed = path.parts[-3]
+        if not seed.startswith("seed") or not seed[4:].isdigit():
+            raise InputError("permuted-label control", path, "not under a seed{N}/fold{k}/ folder")
+        grouped.setdefault((path.parts[-5], path.parts[-4], int(seed[4:])), []).append(path)
+    return grouped
+
+
+def permutation_table(real_files: list[str], permuted_files: list[str], n_bootstrap: int, seed: int,
+                      folds: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Per task × model with permuted runs: the real pooled AUC with its patient-cluster bootstrap CI
+    (the metrics_summary number), each permutation seed's pooled AUC, and the null's mean, SD, range
+    and the Monte Carlo permutation p-value (rows ``real``, ``permuted``, ``permuted_mean``)."""
+    from hnct.metrics.classification import roc_auc
+
+    real = group_prediction_files(real_files)
+    permuted: dict[tuple[str, str], dict[int, list[Path]]] = {}
+    for (task, model, perm_seed), files in group_permuted_files(permuted_files).items():
+        permuted.setdefault((task, model), {})[perm_seed] = files
+    rows = []
+    for (task, model), by_seed in sorted(permuted.items()):
+        if (task, model) not in real:
+            raise InputError(f"{task} {model}", "results/train/{task}/{model}/fold{k}/val_predictions.csv",
+                             "permuted-label runs without the real run's predictions")
+        frame = with_patients(read_predictions(real[(task, model)]), task, folds)
+        found = classification_intervals(frame, n_bootstrap, seed)["auc"]
+        seed_rows = []
+        for perm_seed, files in sorted(by_seed.items()):
+            pooled = with_patients(read_predictions(files), task, folds)
+            seed_rows.append({"task": task, "model": model, "run": "permuted", "permutation_seed": perm_seed,
+                              "value": roc_auc(pooled["label"].to_numpy(int), pooled["probability"].to_numpy(float)),
+                              "n_folds": len(files), "n_cases": len(pooled),
+                              "n_patients": int(pooled["patient"].nunique())})
+        values = np.array([r["value"] for r in seed_rows if np.isfinite(r["value"])])
+        # a NaN real AUC counts as beaten by every run
+        beaten = int((values >= found["estimate"]).sum()) if np.isfinite(found["estimate"]) else len(values)
+        n_folds = len(real[(task, model)])
+        rows.append({"task": task, "model": model, "run": "real", "value": found["estimate"],
+                     "ci_low": found["ci_low"], "ci_high": found["ci_high"], "n_resamples": found["n_resamples"],
+                     "n_folds": n_folds, "n_cases": len(frame), "n_patients": int(frame["patient"].nunique()),
+                     "p_permutation": (1 + beaten) / (1 + len(values)) if len(values) else math.nan})
+        rows += seed_rows
+        rows.append({"task": task, "model": model, "run": "permuted_mean", "n_folds": n_folds,
+                     "value": float(values.mean()) if len(values) else math.nan,
+                     "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                     "min": float(values.min()) if len(values) else math.nan,
+                     "max": float(values.max()) if len(values) else math.nan})
+    table = pd.DataFrame(rows, columns=PERMUTATION_COLUMNS).assign(metric="auc")
+    return table.astype({"permutation_seed": "Int64"})
+
+
+def permutation_markdown(table: pd.DataFrame) -> str:
+    """One table per task: the real AUC [CI] beside the permuted runs' AUCs, mean ± SD (range), p."""
+    sections = []
+    for task, rows in table.groupby("task", sort=True):
+        lines = []
+        for model, group in rows.groupby("model", sort=True):
+            real = group[group["run"] == "real"].iloc[0]
+            runs = group[group["run"] == "permuted"]
+            null = group[group["run"] == "permuted_mean"].iloc[0]
+            per_seed = ", ".join(f"seed {int(r.permutation_seed)}: {_fmt(r.value)}" for r in runs.itertuples())
+            spread = (f"{_fmt(null['value'])} ± {_fmt(null['sd'])} ({_fmt(null['min'])} to {_fmt(null['max'])})"
+                      if np.isfinite(null["sd"]) else _fmt(null["value"]))
+            p = "n/a" if not np.isfinite(real["p_permutation"]) else f"{real['p_permutation']:.2f}"
+            lines.append(f"| {model} | {interval_cell(real['value'], real['ci_low'], real['ci_high'])} | "
+                         f"{per_seed} | {spread} | {p} |")
+        header = ("| model | real AUC [95 % CI] | permuted-label AUC per seed | permuted mean ± SD (range) | "
+                  "p (permutation) |\n|---|---|---|---|---|")
+        sections.append(f"### Permuted-label control: {get_task(task).report_title} (validation folds)\n\n"
+                        f"{PERMUTATION_NOTE}\n\n{header}\n" + "\n".join(lines) + "\n")
+    return "\n".join(sections) or "_no permuted-label runs_\n"
+
+
+def write_permutation_control(real_files: list[str], permuted_files: list[str], out_csv: str | Path,
+                              out_markdown: str | Path, n_bootstrap: int, seed: int,
+                              folds_files: list[str] | None = None) -> pd.DataFrame:
+    """``permutation_control.csv`` (:func:`permutation_table`) and its markdown table."""
+    folds = read_folds(folds_files) if folds_files else None
+    table = permutation_table(real_files, permuted_files, n_bootstrap, seed, folds)
+    _write_csv(table, Path(out_csv))
+    _write_text(permutation_markdown(table), Path(out_markdown))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
 # Figures
 
 
@@ -836,6 +944,18 @@ def main(argv: list[str] | None = None) -> int:
     qa.add_argument("--dpi", type=int, default=110)
     qa.add_argument("--font-size", type=float, default=10)
 
+    permutation = sub.add_parser("permutation", help="the permuted-label control table (csv, md)")
+    permutation.add_argument("--real-predictions", nargs="*", default=[],
+                             help="results/train/{task}/{model}/fold{k}/val_predictions.csv of the permuted models")
+    permutation.add_argument("--permuted-predictions", nargs="*", default=[],
+                             help="results/train_permuted/{task}/{model}/seed{s}/fold{k}/val_predictions.csv")
+    permutation.add_argument("--folds", nargs="*", default=[], help="results/folds/{task}/folds.tsv")
+    add_plugins_argument(permutation)
+    permutation.add_argument("--out-csv", required=True)
+    permutation.add_argument("--out-markdown", required=True)
+    permutation.add_argument("--bootstrap", type=int, required=True, help="report.bootstrap")
+    permutation.add_argument("--seed", type=int, required=True, help="report.seed")
+
     args = parser.parse_args(argv)
     setup_logging(args.log)
     style = {"dpi": getattr(args, "dpi", 110), "font_size": getattr(args, "font_size", 10)}
@@ -855,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
         plot_cohort(args.cohort, args.exclusions, args.out_png, args.out_csv, style)
     elif args.command == "crop-qa":
         plot_crop_qa(args.crops, args.out_png, style)
+    elif args.command == "permutation":
+        write_permutation_control(args.real_predictions, args.permuted_predictions, args.out_csv, args.out_markdown,
+                                  args.bootstrap, args.seed, args.folds)
     log.info("report %s written", args.command)
     return 0
 

@@ -30,6 +30,9 @@ training has finished (early stop or last epoch):
 ``test_predictions.csv`` the same columns for the held-out test cases of folds.tsv (``fold == "test"``),
                          predicted by the best model; no test set (or a task without test-set
                          prediction, segment): the header and no rows.
+``permuted_labels.tsv``  only in a permuted-label control run (``--permutation-seed``, rule
+                         train_permuted_fold): the task's label table with the training side's labels
+                         permuted (:func:`permute_training_labels`), what the run trained on.
 Working state in ``out_dir/checkpoints/`` (tensors and plain data, loaded with ``weights_only=True``):
 ``last.pt`` (model, optimizer, scaler, scheduler, RNG states, epoch, best metric, patience counter,
 history, fingerprint) every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1 (what SLURM sends before
@@ -136,6 +139,67 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return torch.load(path, map_location=device, weights_only=True)
 
 
+# ---------------------------------------------------------------- the permuted-label control
+PERMUTED_LABELS = "permuted_labels.tsv"
+
+
+def permute_training_labels(folds: pd.DataFrame, fold: int, seed: int) -> pd.DataFrame:
+    """A copy of a folds table (``case, patient, label, fold``) whose training side for outer fold
+    ``fold`` (the rows of every other fold; never ``fold`` itself nor ``test``) has its labels
+    permuted among its patients, seeded by ``(seed, fold)``: the permuted-label control.
+
+    Patients are shuffled within groups of equal scan count, each patient taking another patient's
+    labels (in case order), so a patient keeps one label across its scans and the training side keeps
+    its class counts exactly. The outer fold and the test rows keep their true labels: a model
+    trained on the result, selected on its inner split as usual, is scored against the truth.
+    """
+    missing = {"case", "patient", "label", "fold"} - set(folds.columns)
+    if missing:
+        raise ValueError(f"folds table: missing columns {sorted(missing)} for the permuted-label control")
+    fold_text = folds["fold"].astype(str)
+    if not (fold_text == str(fold)).any():
+        raise ValueError(f"folds table: fold {fold} has no validation cases")
+    training = folds[(fold_text != str(fold)) & (fold_text != "test")]
+    unnamed = training.loc[training["patient"].isna() | (training["patient"].astype(str).str.strip() == ""), "case"]
+    if len(unnamed):
+        raise ValueError(f"folds table: {len(unnamed)} training case(s) without a patient, e.g. "
+                         f"{list(unnamed[:3])}: the permuted-label control permutes labels by patient")
+    rng = np.random.default_rng([int(seed), int(fold)])
+    permuted = folds.copy()
+    scans = {patient: rows.sort_values("case").index
+             for patient, rows in training.groupby(training["patient"].astype(str), sort=True)}
+    by_size: dict[int, list[str]] = {}
+    for patient, index in scans.items():
+        by_size.setdefault(len(index), []).append(patient)
+    for size in sorted(by_size):
+        patients = by_size[size]
+        donors = [patients[i] for i in rng.permutation(len(patients))]
+        for patient, donor in zip(patients, donors):
+            permuted.loc[scans[patient], "label"] = folds.loc[scans[donor], "label"].to_numpy()
+    return permuted
+
+
+def permuted_inputs(spec, fold: int, seed: int, out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with the task's label table (registry: ``label_permutation``) replaced by its
+    permuted copy, written to ``out_dir/permuted_labels.tsv`` (the record of what this run trained on)."""
+    name = spec.label_permutation
+    if not name:
+        raise ValueError(f"task {spec.name} has no permuted-label control (its registry entry sets no "
+                         "label_permutation); remove it from train.permutation_models")
+    source = inputs.get(name)
+    if not source:
+        raise ValueError(f"task {spec.name}: a permuted-label run needs the trainer input {name}")
+    table = pd.read_csv(source, sep="\t", dtype=str, keep_default_na=False)
+    permuted = permute_training_labels(table, fold, seed)
+    path = out_dir / PERMUTED_LABELS
+    with atomic_path(path) as tmp:
+        permuted.to_csv(tmp, sep="\t", index=False)
+    changed = int((permuted["label"] != table["label"]).sum())
+    log.info("permuted-label control, seed %d: %d of %d training-side labels changed (%s)", seed, changed,
+             int(((table["fold"] != str(fold)) & (table["fold"] != "test")).sum()), path)
+    return {**inputs, name: str(path)}
+
+
 # ---------------------------------------------------------------- the trainer
 def trainer_code_hash(task: str, model_name: str) -> str:
     """sha256 of the code that defines a run of ``task`` x ``model_name`` (hnct.tasks.code_hash of
@@ -143,9 +207,12 @@ def trainer_code_hash(task: str, model_name: str) -> str:
     return code_hash(training_modules(task, model_name))
 
 
-def run_fingerprint(task: str, model_name: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: task, model, the --config JSON and the code hash."""
-    return {"task": task, "model": model_name, "config": json.loads(json.dumps(cfg, sort_keys=True)),
+def run_fingerprint(task: str, model_name: str, cfg: dict[str, Any],
+                    permutation_seed: int | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: task, model, the --config JSON (with the
+    permutation seed of a permuted-label run) and the code hash."""
+    identity = cfg if permutation_seed is None else {**cfg, "permutation_seed": int(permutation_seed)}
+    return {"task": task, "model": model_name, "config": json.loads(json.dumps(identity, sort_keys=True)),
             "code": trainer_code_hash(task, model_name)}
 
 
@@ -190,6 +257,7 @@ class Trainer:
     num_workers: int
     out_dir: Path
     fingerprint: dict[str, Any]
+    permutation_seed: int | None = None
 
     @property
     def last_path(self) -> Path:
@@ -309,6 +377,7 @@ class Trainer:
                               if done.best_epoch else math.nan},
                    "selection": {"mode": self.cfg["selection"], "metric": metric_name,
                                  "inner_folds": int(self.cfg["inner_folds"]) if self.selecting else None},
+                   "permutation_seed": self.permutation_seed,
                    "cases": self.run.cases, "fingerprint": self.fingerprint, "versions": software_versions()}
         write_json(self.out_dir / "best.json", summary)
         save_checkpoint({"model_state": model_state, **summary}, self.out_dir / "best.pt")
@@ -326,13 +395,14 @@ def seed_everything(seed: int) -> None:
 
 
 def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: dict[str, Any],
-               threads: int = 1, **inputs: Any) -> dict[str, Any]:
+               threads: int = 1, permutation_seed: int | None = None, **inputs: Any) -> dict[str, Any]:
     """Train ``model_name`` on fold ``fold`` of ``task``; resume from ``out_dir/checkpoints/last.pt``.
 
     ``cfg``: the job's train config (``train.<task>`` without the other models' keys, merged with
     ``seed``, ``device``, ``num_workers`` and ``checkpoint_every`` of ``train``). ``inputs``: what the
     task's ``prepare`` reads (classify: ``folds_tsv`` and ``crop_sidecars`` or ``crops_dir``; segment:
-    ``fold_slices_tsv`` and ``slice_sidecars`` or ``slices_dir``). Returns the final summary.
+    ``fold_slices_tsv`` and ``slice_sidecars`` or ``slices_dir``). ``permutation_seed``: a
+    permuted-label control run (:func:`permuted_inputs`; the task must support it). Returns the final summary.
     Raises StopRequested after checkpointing when SIGTERM/SIGUSR1 arrives.
     """
     spec = get_task(task)
@@ -345,12 +415,14 @@ def train_fold(task: str, model_name: str, fold: int, out_dir: str | Path, cfg: 
         torch.set_num_threads(max(int(threads), 1))
     log.info("task %s model %s fold %d on %s (amp %s, workers %d)", task, model_name, fold, device, amp,
              num_workers)
+    if permutation_seed is not None:
+        inputs = permuted_inputs(spec, fold, int(permutation_seed), out_dir, inputs)
     run = spec.prepare(cfg, fold, inputs)
     model = build_model(task, model_name, cfg).to(device)
     optimizer = spec.optimizer(cfg, model.parameters())
     trainer = Trainer(spec, model_name, fold, cfg, run, model, optimizer, spec.scheduler(optimizer, cfg),
                       torch.amp.GradScaler("cuda", enabled=amp), device, amp, num_workers, out_dir,
-                      run_fingerprint(task, model_name, cfg))
+                      run_fingerprint(task, model_name, cfg, permutation_seed), permutation_seed)
     done = trainer.restore()
     epochs, patience, every = int(cfg["epochs"]), int(cfg["patience"]), int(cfg["checkpoint_every"])
     with _SignalFlag() as stop:
@@ -385,18 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help="JSON: train.<task> (this model's keys) merged with train's shared keys")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--permutation-seed", type=int, default=None,
+                        help="a permuted-label control run: the training side's labels permuted with this seed "
+                             "(one of train.permutation_seeds)")
     parser.add_argument("--log")
     add_plugins_argument(parser)
     spec.add_train_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log)
     cfg = json.loads(args.config)
-    shared = {"task", "model", "fold", "out_dir", "config", "threads", "log", "plugins"}
+    shared = {"task", "model", "fold", "out_dir", "config", "threads", "log", "plugins", "permutation_seed"}
     # the task's own options (an empty value, as a rule may pass, is no value)
     inputs = {name: value if isinstance(value, list) else (value or None)
               for name, value in vars(args).items() if name not in shared}
     try:
-        train_fold(args.task, args.model, args.fold, args.out_dir, cfg, threads=args.threads, **inputs)
+        train_fold(args.task, args.model, args.fold, args.out_dir, cfg, threads=args.threads,
+                   permutation_seed=args.permutation_seed, **inputs)
     except StopRequested as stop:
         log.warning("stopped by signal %d after checkpointing; rerun to resume", stop.signum)
         return 128 + stop.signum

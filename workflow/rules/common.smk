@@ -375,6 +375,8 @@ def get_report_outputs():
     shortcuts = (
         ["results/report/baselines.csv"] if tasks_of_kind("classification") else []
     )
+    # The permuted-label control (report.smk: permutation_control) where train.permutation_seeds is set.
+    shortcuts += ["results/report/permutation_control.csv"] if PERMUTATION_RUNS else []
     return (
         [
             "results/report/metrics_summary.csv",
@@ -520,3 +522,49 @@ def get_fold_options(wildcards):
 def train_runtime(wildcards, attempt):
     """Minutes; each retry asks for more (and resumes from the checkpoint)."""
     return config["resources"]["train_runtime_min"] * attempt
+
+
+# --- permuted-label control inputs (train.smk: train_permuted_fold; report.smk: permutation_control) ---
+
+PERMUTATION_SEEDS = [int(seed) for seed in config["train"]["permutation_seeds"]]
+
+
+def permutation_runs():
+    """(task, model) pairs of the permuted-label control: the listed models (default: the first one)
+    of each configured task that supports it."""
+    tasks = [task for task in TASKS if TASK[task].label_permutation]
+    chosen = config["train"]["permutation_models"]
+    if chosen is None:
+        return [(task, models_for(task)[0]) for task in tasks if models_for(task)]
+    runs = [
+        (task, model) for task in tasks for model in models_for(task) if model in chosen
+    ]
+    unknown = sorted(set(chosen) - {model for _, model in runs})
+    if unknown:
+        trained = {task: models_for(task) for task in tasks}
+        raise ValueError(
+            f"train.permutation_models: {unknown} trained by no task with a permuted-label control "
+            f"(tasks and their models: {trained or 'none configured'})"
+        )
+    return runs
+
+
+PERMUTATION_RUNS = permutation_runs() if PERMUTATION_SEEDS else []
+PERMUTED_TRAIN_DIR = "results/train_permuted/{task}/{model}/seed{seed}/fold{fold}"
+
+
+def get_permuted_train_options(wildcards, input):
+    return f"{get_train_options(wildcards, input)} --permutation-seed {int(wildcards.seed)}"
+
+
+def permutation_prediction_files(directory):
+    """The outer-fold predictions under ``directory`` (a pattern of task, model, fold, and seed for the
+    permuted runs) of every permuted model, in fold order (the real ones: the metrics summary's order,
+    so the bootstrap draws the same resamples)."""
+    seeds = PERMUTATION_SEEDS if "{seed}" in directory else [None]
+    return [
+        f"{directory.format(task=task, model=model, seed=seed, fold=fold)}/val_predictions.csv"
+        for task, model in PERMUTATION_RUNS
+        for seed in seeds
+        for fold in FOLDS
+    ]

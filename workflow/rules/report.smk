@@ -229,3 +229,45 @@ rule shortcut_checks:
         " --out-baselines {output.baselines:q} --out-by-group {output.by_group:q}"
         " --out-predictions {output.predictions:q} --out-markdown {output.markdown:q}"
         " --bootstrap {params.bootstrap} --seed {params.seed}"
+
+
+# The permuted-label control (train.permutation_seeds; rule train_permuted_fold): per model, the real
+# pooled AUC with its CI beside the pooled AUC of each permuted-label run. Reads only those models'
+# real and permuted validation predictions and the folds tables (patients for the bootstrap), so
+# changing the seeds reruns the permuted runs and this table alone.
+rule permutation_control:
+    input:
+        real=permutation_prediction_files("results/train/{task}/{model}/fold{fold}"),
+        permuted=permutation_prediction_files(PERMUTED_TRAIN_DIR),
+        folds=sorted(
+            {f"results/folds/{task}/folds.tsv" for task, _ in PERMUTATION_RUNS}
+        ),
+    output:
+        table=report(
+            "results/report/permutation_control.csv",
+            category="Shortcut checks",
+            caption="../report/permutation_control.rst",
+        ),
+        markdown="results/report/permutation_control.md",
+    log:
+        "logs/permutation_control/all.log",
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        bootstrap=config["report"]["bootstrap"],
+        seed=config["report"]["seed"],
+        plugins=PLUGINS_ARG,
+        selection=SELECTION_CAPTION,
+        code=code_version(
+            "report", "metrics.classification", "metrics.bootstrap", "tasks"
+        ),
+    shell:
+        "python -m hnct.report --log {log} permutation {params.plugins}"
+        " --real-predictions {input.real} --permuted-predictions {input.permuted}"
+        " --folds {input.folds} --out-csv {output.table:q} --out-markdown {output.markdown:q}"
+        " --bootstrap {params.bootstrap} --seed {params.seed}"

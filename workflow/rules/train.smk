@@ -46,3 +46,28 @@ rule train_fold:
         "python -m hnct.train --task {wildcards.task} --model {wildcards.model} --fold {wildcards.fold}"
         " --out-dir {params.out_dir:q} --config {params.config:q} {params.inputs} {params.plugins}"
         " --threads {threads} --log {log:q}"
+
+
+# train_permuted_fold{task, model, seed, fold}: the permuted-label control (train.permutation_seeds,
+# train.permutation_models; tasks whose registry entry has label_permutation: classify). The same job
+# as train_fold, with the training side's labels permuted by the trainer (--permutation-seed; outer
+# fold and test set keep their true labels; the inner selection as in the real run), in its own folder
+# so that no real table, ensemble or figure reads it: only the report's permutation_control table does.
+# The job's --config is the real run's: changing the seeds adds or drops these jobs and nothing else.
+use rule train_fold as train_permuted_fold with:
+    output:
+        best=f"{PERMUTED_TRAIN_DIR}/best.pt",
+        summary=f"{PERMUTED_TRAIN_DIR}/best.json",
+        history=f"{PERMUTED_TRAIN_DIR}/history.csv",
+        predictions=f"{PERMUTED_TRAIN_DIR}/val_predictions.csv",
+        inner_predictions=f"{PERMUTED_TRAIN_DIR}/inner_predictions.csv",
+        test_predictions=f"{PERMUTED_TRAIN_DIR}/test_predictions.csv",
+        labels=f"{PERMUTED_TRAIN_DIR}/permuted_labels.tsv",
+    log:
+        "logs/train_permuted_fold/{task}_{model}_seed{seed}_{fold}.log",
+    wildcard_constraints:
+        task=tasks_where("label_permutation"),
+        seed=r"\d+",
+    params:
+        out_dir=PERMUTED_TRAIN_DIR,
+        inputs=get_permuted_train_options,

@@ -15,6 +15,11 @@ workflow (read at parse time by workflow/rules/common.smk; nothing here imports 
     ``slice_structure``   ``(config) -> name or None``: the structure whose voxels make an exported
                           slice ``positive`` (rule export_slices), for a task that trains on slices
     ``test_ensemble``     True when its folds' test-set predictions are ensembled (rule ensemble_test)
+    ``label_permutation`` the trainer input (its ``prepare`` key, e.g. ``folds_tsv``) holding the
+                          ``case, patient, label, fold`` table whose training-side labels a
+                          permuted-label control run permutes (``train.permutation_seeds``, rule
+                          train_permuted_fold, :func:`hnct.train.permute_training_labels`); None: the
+                          task has no permuted-label control (its label does not come from one table)
     ``stratified``        False when its folds are grouped by patient but not stratified by the label
                           (a segmentation task whose label only describes the case): GroupKFold
     ``plan``              True when it trains on whole volumes preprocessed as nnU-Net does (rules
@@ -85,6 +90,7 @@ class Task:
     evaluate_inputs: ClassVar[dict[str, str]] = {}
     evaluate_mem_mb: ClassVar[int] = 1000
     test_ensemble: ClassVar[bool] = False
+    label_permutation: ClassVar[str | None] = None
     stratified: ClassVar[bool] = True
     plan: ClassVar[bool] = False
     modules: ClassVar[tuple[str, ...]] = ()

@@ -31,6 +31,8 @@ class Classify(Task):
     # the selected model's inner-validation predictions: the threshold is chosen on them
     evaluate_inputs = {"inner-predictions": "results/train/{task}/{model}/fold{fold}/inner_predictions.csv"}
     test_ensemble = True
+    # the permuted-label control permutes the training side's labels of folds.tsv (hnct.train)
+    label_permutation = "folds_tsv"
     modules = ("tasks.classify", "data", "metrics.classification")
     metric_name = "inner_auc"
     selection_metric = "macro-F1 at 0.5 (ties: the lower loss)"
