@@ -180,6 +180,61 @@ def test_a_withheld_structure_adds_nothing_to_the_loss_and_is_not_scored():
     assert unknown[0] == known[0] and unknown[2] == known[2]
 
 
+# ---------------------------------------------------------------- augmentation
+class _PairedVolume:
+    """A CaseVolume stand-in: a cord in the middle, a bright gland on the patient's left (the high
+    end of the array axis along LPS x) and a dim one on the right; Gland_R not contoured (unknown:
+    an empty channel, as convert writes it)."""
+
+    def __init__(self, direction):
+        from hnct.tasks.oar import lr_axis
+
+        shape = (6, 10, 16)
+        z, y, x = np.indices(shape)
+        self.lr_axis = lr_axis(direction)
+        self.side = np.indices(shape)[self.lr_axis]  # index along the left-right axis
+        self.n = shape[self.lr_axis]
+        cord = (np.abs(y - 4.5) <= 1.5) & (np.abs(x - 7.5) <= 1.5)  # symmetric: a mirror keeps it
+        left, right = (self.side >= self.n - 3) & ~cord, (self.side <= 2) & ~cord
+        self.image = np.where(left, 200.0, np.where(right, 100.0, 0.0)).astype(np.float32)
+        self.structures = np.stack([cord, left, np.zeros(shape, bool)]).astype(np.uint8)
+        self.annotated, self.case = [True, True, False], "P"
+
+    def array(self, name):
+        return {"image": self.image, "structures": self.structures, "locations": np.empty((0, 4), np.int32)}[name]
+
+
+@pytest.mark.parametrize("direction", [list(np.eye(3).ravel()), [0, 1, 0, 1, 0, 0, 0, 0, 1]])
+def test_left_right_mirror_swaps_the_paired_labels_and_their_annotation(direction):
+    from monai.transforms import Compose
+
+    from hnct.tasks.oar import PatchDataset, lr_axis, lr_swap_order
+
+    names = ["Cord", "Gland_L", "Gland_R"]
+    assert lr_swap_order(names) == [0, 2, 1]
+    assert lr_swap_order(["A_Carotid_L", "Larynx", "A_Carotid_R", "Lens_L"]) == [2, 1, 0, 3]  # no Lens_R
+    assert lr_axis(direction) == (2 if direction[0] == 1 else 1)
+    volume = _PairedVolume(direction)
+    intensity = {"clip_low": -1000.0, "clip_high": 1000.0, "mean": 0.0, "std": 1.0}
+    dataset = PatchDataset([volume], 12, volume.image.shape, intensity, seed=3, epoch=1, structures=names,
+                           augment=Compose([]))  # the L/R mirror alone, so every voxel can be checked
+    mirrored = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image, target = item["image"][0].numpy(), item["target"].numpy().astype(bool)
+        flipped = bool(image[volume.side >= volume.n - 3].max() < 150)  # the bright gland went right
+        mirrored += flipped
+        assert np.array_equal(target[0], volume.structures[0].astype(bool))
+        # the bright gland is labelled by the side it lies on, and its annotation goes with it:
+        # mirrored, it is the patient's right gland, and the uncontoured one is now the left
+        labelled, empty = (2, 1) if flipped else (1, 2)
+        assert target[labelled].any() and not target[empty].any()
+        assert np.allclose(image[target[labelled]], 200.0)
+        assert (volume.side[target[labelled]] >= volume.n - 3).all() != flipped
+        assert item["annotated"].tolist() == ([1.0, 0.0, 1.0] if flipped else [1.0, 1.0, 0.0])
+    assert 0 < mirrored < len(dataset)
+
+
 # ---------------------------------------------------------------- geometry on a real CT
 @pytest.mark.parametrize("folder", ["nsclc-radiomics-LUNG1-001/LUNG1-001", "rt-utils/oriented_data"])
 def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdata_dir, tmp_path, folder):
@@ -269,7 +324,7 @@ def test_tiny_cohort_trains_predicts_and_evaluates(tmp_path):
     assert np.load(read_json(pre[0])["files"]["image"], mmap_mode="r").dtype == np.float32
     cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1, "epochs": 2, "batch_size": 2,
            "patches_per_epoch": 6, "lr": 1e-3, "weight_decay": 0.0, "patience": 5, "sw_overlap": 0.5,
-           "mirror": False, "dynunet_base_filters": 4, "dynunet_max_filters": 16,
+           "mirror": True, "augment": True, "dynunet_base_filters": 4, "dynunet_max_filters": 16,
            "selection": "inner", "inner_folds": 3}
     out = tmp_path / "train" / "dynunet" / f"fold{k}"
     done = train_fold("oar", "dynunet", k, out, dict(cfg), plan_json=str(plan_json))
