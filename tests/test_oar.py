@@ -235,6 +235,13 @@ def test_left_right_mirror_swaps_the_paired_labels_and_their_annotation(directio
     assert 0 < mirrored < len(dataset)
 
 
+def test_overlay_groups_put_left_and_right_of_a_pair_on_one_panel():
+    from hnct.report_structures import structure_groups
+
+    names = ["Larynx", "Thyroid_L", "Thyroid_R", "Cochlea_L", "A_Carotid_R", "A_Carotid_L"]
+    assert structure_groups(names) == {"Larynx": [0], "Thyroid": [1, 2], "Cochlea_L": [3], "A_Carotid": [4, 5]}
+
+
 # ---------------------------------------------------------------- geometry on a real CT
 @pytest.mark.parametrize("folder", ["nsclc-radiomics-LUNG1-001/LUNG1-001", "rt-utils/oriented_data"])
 def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdata_dir, tmp_path, folder):
@@ -381,6 +388,40 @@ def test_bad_structure_channels_exclude_the_case_naming_file_and_reason(tmp_path
         assert out["status"] == "excluded" and reason in out["reason"]
         assert out["file"] == volume["structures_file"] and out["case"] == "P0"
         assert not any((tmp_path / "pre" / "P0").iterdir())  # nothing half-written left behind
+
+
+def test_evaluate_names_the_case_and_file_of_bad_predictions(tmp_path, capsys):
+    from hnct.tasks import get_task
+    from hnct.tasks.oar import Oar
+
+    sidecar = write_phantom(tmp_path, "P0", 0)
+    masks = tmp_path / "pred" / "P0"
+    masks.mkdir(parents=True)
+    geometry = read_json(sidecar)
+    for name in STRUCTURES[:2]:  # Nodule's mask missing
+        write_nrrd(np.zeros((20, 28, 28), np.uint8), geometry, masks / f"{name}.nrrd")
+    row = {"case": "P0", "fold": 0, "split": "val", "volume_sidecar": str(sidecar), "preprocess_sidecar": "",
+           "label_nrrd": str(masks / "label.nrrd"), "masks_dir": str(masks)}
+    predictions = tmp_path / "val_predictions.csv"
+    args = ["--task", "oar", "--predictions", str(predictions), "--out-metrics", str(tmp_path / "m.json"),
+            "--out-per-case", str(tmp_path / "per_case.csv"), "--model", "dynunet", "--fold", "0",
+            "--nsd-tolerance-mm", "1"]
+    cases = [(pd.DataFrame([row], columns=list(Oar.prediction_columns)), "Nodule.nrrd", str(masks)),
+             (pd.DataFrame([row]).drop(columns="masks_dir"), "lacks columns ['masks_dir']", str(predictions))]
+    write_nrrd(np.zeros((20, 28, 27), np.uint8), geometry, masks / "Nodule.nrrd")
+    cases.append((cases[0][0], "Nodule.nrrd has shape (20, 28, 27)", str(masks)))
+    for number, (table, reason, file) in enumerate(cases):
+        if number == 0:
+            (masks / "Nodule.nrrd").rename(tmp_path / "kept.nrrd")
+        if number == 2:
+            (tmp_path / "kept.nrrd").rename(masks / "Nodule.nrrd")
+        table.to_csv(predictions, index=False)
+        capsys.readouterr()
+        assert get_task("oar").evaluate_main(args) == 1
+        message = capsys.readouterr().err  # the job's log (setup_logging: the file and stderr)
+        assert reason in message and file in message, message
+        assert ("case P0" if number != 1 else "case all") in message
+        assert not (tmp_path / "per_case.csv").exists() and not (tmp_path / "m.json").exists()
 
 
 def test_patch_benchmark_runs_tiny(tmp_path):

@@ -546,7 +546,7 @@ def evaluate(predictions_csv, out_metrics, out_per_case, model: str, fold: int, 
             raise InputError(record.case, record.volume_sidecar,
                              f"cannot read the reference structures: {type(err).__name__}: {err}") from err
         try:
-            pred = read_prediction(record.masks_dir, names)
+            pred = read_prediction(record.masks_dir, names, ref.shape[1:])
             case_rows = metrics.case_structure_metrics(pred, ref, names, annotated, spacing, tolerances,
                                                        default_tolerance_mm)
         except (OSError, ValueError) as err:
