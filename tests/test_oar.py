@@ -242,6 +242,53 @@ def test_overlay_groups_put_left_and_right_of_a_pair_on_one_panel():
     assert structure_groups(names) == {"Larynx": [0], "Thyroid": [1, 2], "Cochlea_L": [3], "A_Carotid": [4, 5]}
 
 
+def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains_nothing(tmp_path):
+    """Two tiny preprocessed cases, P1 with the gland withheld: the masked loss of DynUNet (deep
+    supervision) falls over a few AdamW steps on their patches, and a batch of P1 alone sends no
+    gradient to the gland's output weights (every head), while the annotated channels get one."""
+    from hnct.models import build_model
+    from hnct.preprocess import fingerprint, preprocess_case
+    from hnct.tasks.oar import CaseVolume, PatchDataset, deep_supervision_loss
+
+    sidecars = [write_phantom(tmp_path, f"P{i}", i, withhold="Gland" if i == 1 else None) for i in range(2)]
+    folds = tmp_path / "folds.tsv"
+    pd.DataFrame({"case": ["P0", "P1"], "fold": ["0", "1"]}).to_csv(folds, sep="\t", index=False)
+    fingerprint(folds, sidecars, tmp_path / "fingerprint.json")
+    volumes = []
+    for i, sidecar in enumerate(sidecars):
+        pre = tmp_path / "pre" / f"P{i}.json"
+        assert preprocess_case(f"P{i}", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / f"P{i}", pre,
+                               samples=500)["status"] == "ok"
+        volumes.append(CaseVolume(f"P{i}", str(pre)))
+    intensity = {"clip_low": -1000.0, "clip_high": 400.0, "mean": -200.0, "std": 400.0}
+    patch = [16, 16, 16]
+    torch.manual_seed(0)
+    cfg = {"plan": {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": patch},
+           "dynunet_base_filters": 4, "dynunet_max_filters": 16}
+    model = build_model("oar", "dynunet", cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    items = [PatchDataset(volumes, 6, patch, intensity, seed=0, epoch=1)[i] for i in range(6)]
+    batch = {k: torch.stack([item[k] for item in items]) for k in ("image", "target", "annotated")}
+    withheld = [i for i, item in enumerate(items) if item["annotated"][1] == 0]  # P1's patches
+    assert 0 < len(withheld) < len(items)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = deep_supervision_loss(model(batch["image"]), batch["target"], batch["annotated"])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
+    optimizer.zero_grad()
+    deep_supervision_loss(model(batch["image"][withheld]), batch["target"][withheld],
+                          batch["annotated"][withheld]).backward()
+    heads = {n: p.grad for n, p in model.named_parameters() if n.startswith(("output_block", "deep_supervision"))}
+    assert len(heads) == 4
+    for name, grad in heads.items():
+        assert torch.count_nonzero(grad[1]) == 0, name  # the unknown gland: nothing learnt from P1
+        assert grad[[0, 2]].abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------- geometry on a real CT
 @pytest.mark.parametrize("folder", ["nsclc-radiomics-LUNG1-001/LUNG1-001", "rt-utils/oriented_data"])
 def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdata_dir, tmp_path, folder):
