@@ -66,7 +66,9 @@ def write_cases(root: Path, n_cases: int, shape: list[int], n_structures: int, s
                 ((c, np.argwhere(channels[c])[:10000]) for c in range(n_structures))]
         save_npy(np.concatenate(rows).astype(np.int32), Path(files["locations"]))
         sidecar = root / f"{case}.json"
-        write_json(sidecar, ok_sidecar(case, "preprocess", files=files, shape_zyx=list(shape), structures=[
+        grid = {"size": list(reversed(shape)), "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+                "direction": list(np.eye(3).ravel())}  # 1 mm, LPS-aligned (the loader's L/R axis: x)
+        write_json(sidecar, ok_sidecar(case, "preprocess", files=files, shape_zyx=list(shape), grid=grid, structures=[
             {"name": f"S{c}", "channel": c, "annotated": True, "voxels": int(channels[c].sum())}
             for c in range(n_structures)]))
         volumes.append(CaseVolume(case, str(sidecar)))

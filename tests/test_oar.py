@@ -180,6 +180,115 @@ def test_a_withheld_structure_adds_nothing_to_the_loss_and_is_not_scored():
     assert unknown[0] == known[0] and unknown[2] == known[2]
 
 
+# ---------------------------------------------------------------- augmentation
+class _PairedVolume:
+    """A CaseVolume stand-in: a cord in the middle, a bright gland on the patient's left (the high
+    end of the array axis along LPS x) and a dim one on the right; Gland_R not contoured (unknown:
+    an empty channel, as convert writes it)."""
+
+    def __init__(self, direction):
+        from hnct.tasks.oar import lr_axis
+
+        shape = (6, 10, 16)
+        z, y, x = np.indices(shape)
+        self.lr_axis = lr_axis(direction)
+        self.side = np.indices(shape)[self.lr_axis]  # index along the left-right axis
+        self.n = shape[self.lr_axis]
+        cord = (np.abs(y - 4.5) <= 1.5) & (np.abs(x - 7.5) <= 1.5)  # symmetric: a mirror keeps it
+        left, right = (self.side >= self.n - 3) & ~cord, (self.side <= 2) & ~cord
+        self.image = np.where(left, 200.0, np.where(right, 100.0, 0.0)).astype(np.float32)
+        self.structures = np.stack([cord, left, np.zeros(shape, bool)]).astype(np.uint8)
+        self.annotated, self.case = [True, True, False], "P"
+
+    def array(self, name):
+        return {"image": self.image, "structures": self.structures, "locations": np.empty((0, 4), np.int32)}[name]
+
+
+@pytest.mark.parametrize("direction", [list(np.eye(3).ravel()), [0, 1, 0, 1, 0, 0, 0, 0, 1]])
+def test_left_right_mirror_swaps_the_paired_labels_and_their_annotation(direction):
+    from monai.transforms import Compose
+
+    from hnct.tasks.oar import PatchDataset, lr_axis, lr_swap_order
+
+    names = ["Cord", "Gland_L", "Gland_R"]
+    assert lr_swap_order(names) == [0, 2, 1]
+    assert lr_swap_order(["A_Carotid_L", "Larynx", "A_Carotid_R", "Lens_L"]) == [2, 1, 0, 3]  # no Lens_R
+    assert lr_axis(direction) == (2 if direction[0] == 1 else 1)
+    volume = _PairedVolume(direction)
+    intensity = {"clip_low": -1000.0, "clip_high": 1000.0, "mean": 0.0, "std": 1.0}
+    dataset = PatchDataset([volume], 12, volume.image.shape, intensity, seed=3, epoch=1, structures=names,
+                           augment=Compose([]))  # the L/R mirror alone, so every voxel can be checked
+    mirrored = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image, target = item["image"][0].numpy(), item["target"].numpy().astype(bool)
+        flipped = bool(image[volume.side >= volume.n - 3].max() < 150)  # the bright gland went right
+        mirrored += flipped
+        assert np.array_equal(target[0], volume.structures[0].astype(bool))
+        # the bright gland is labelled by the side it lies on, and its annotation goes with it:
+        # mirrored, it is the patient's right gland, and the uncontoured one is now the left
+        labelled, empty = (2, 1) if flipped else (1, 2)
+        assert target[labelled].any() and not target[empty].any()
+        assert np.allclose(image[target[labelled]], 200.0)
+        assert (volume.side[target[labelled]] >= volume.n - 3).all() != flipped
+        assert item["annotated"].tolist() == ([1.0, 0.0, 1.0] if flipped else [1.0, 1.0, 0.0])
+    assert 0 < mirrored < len(dataset)
+
+
+def test_overlay_groups_put_left_and_right_of_a_pair_on_one_panel():
+    from hnct.report_structures import structure_groups
+
+    names = ["Larynx", "Thyroid_L", "Thyroid_R", "Cochlea_L", "A_Carotid_R", "A_Carotid_L"]
+    assert structure_groups(names) == {"Larynx": [0], "Thyroid": [1, 2], "Cochlea_L": [3], "A_Carotid": [4, 5]}
+
+
+def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains_nothing(tmp_path):
+    """Two tiny preprocessed cases, P1 with the gland withheld: the masked loss of DynUNet (deep
+    supervision) falls over a few AdamW steps on their patches, and a batch of P1 alone sends no
+    gradient to the gland's output weights (every head), while the annotated channels get one."""
+    from hnct.models import build_model
+    from hnct.preprocess import fingerprint, preprocess_case
+    from hnct.tasks.oar import CaseVolume, PatchDataset, deep_supervision_loss
+
+    sidecars = [write_phantom(tmp_path, f"P{i}", i, withhold="Gland" if i == 1 else None) for i in range(2)]
+    folds = tmp_path / "folds.tsv"
+    pd.DataFrame({"case": ["P0", "P1"], "fold": ["0", "1"]}).to_csv(folds, sep="\t", index=False)
+    fingerprint(folds, sidecars, tmp_path / "fingerprint.json")
+    volumes = []
+    for i, sidecar in enumerate(sidecars):
+        pre = tmp_path / "pre" / f"P{i}.json"
+        assert preprocess_case(f"P{i}", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / f"P{i}", pre,
+                               samples=500)["status"] == "ok"
+        volumes.append(CaseVolume(f"P{i}", str(pre)))
+    intensity = {"clip_low": -1000.0, "clip_high": 400.0, "mean": -200.0, "std": 400.0}
+    patch = [16, 16, 16]
+    torch.manual_seed(0)
+    cfg = {"plan": {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": patch},
+           "dynunet_base_filters": 4, "dynunet_max_filters": 16}
+    model = build_model("oar", "dynunet", cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    items = [PatchDataset(volumes, 6, patch, intensity, seed=0, epoch=1)[i] for i in range(6)]
+    batch = {k: torch.stack([item[k] for item in items]) for k in ("image", "target", "annotated")}
+    withheld = [i for i, item in enumerate(items) if item["annotated"][1] == 0]  # P1's patches
+    assert 0 < len(withheld) < len(items)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = deep_supervision_loss(model(batch["image"]), batch["target"], batch["annotated"])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
+    optimizer.zero_grad()
+    deep_supervision_loss(model(batch["image"][withheld]), batch["target"][withheld],
+                          batch["annotated"][withheld]).backward()
+    heads = {n: p.grad for n, p in model.named_parameters() if n.startswith(("output_block", "deep_supervision"))}
+    assert len(heads) == 4
+    for name, grad in heads.items():
+        assert torch.count_nonzero(grad[1]) == 0, name  # the unknown gland: nothing learnt from P1
+        assert grad[[0, 2]].abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------- geometry on a real CT
 @pytest.mark.parametrize("folder", ["nsclc-radiomics-LUNG1-001/LUNG1-001", "rt-utils/oriented_data"])
 def test_prediction_nrrds_have_the_ct_geometry_after_resampling_and_back(testdata_dir, tmp_path, folder):
@@ -269,7 +378,7 @@ def test_tiny_cohort_trains_predicts_and_evaluates(tmp_path):
     assert np.load(read_json(pre[0])["files"]["image"], mmap_mode="r").dtype == np.float32
     cfg = {"seed": 0, "device": "cpu", "num_workers": 0, "checkpoint_every": 1, "epochs": 2, "batch_size": 2,
            "patches_per_epoch": 6, "lr": 1e-3, "weight_decay": 0.0, "patience": 5, "sw_overlap": 0.5,
-           "mirror": False, "dynunet_base_filters": 4, "dynunet_max_filters": 16,
+           "mirror": True, "augment": True, "dynunet_base_filters": 4, "dynunet_max_filters": 16,
            "selection": "inner", "inner_folds": 3}
     out = tmp_path / "train" / "dynunet" / f"fold{k}"
     done = train_fold("oar", "dynunet", k, out, dict(cfg), plan_json=str(plan_json))
@@ -326,6 +435,40 @@ def test_bad_structure_channels_exclude_the_case_naming_file_and_reason(tmp_path
         assert out["status"] == "excluded" and reason in out["reason"]
         assert out["file"] == volume["structures_file"] and out["case"] == "P0"
         assert not any((tmp_path / "pre" / "P0").iterdir())  # nothing half-written left behind
+
+
+def test_evaluate_names_the_case_and_file_of_bad_predictions(tmp_path, capsys):
+    from hnct.tasks import get_task
+    from hnct.tasks.oar import Oar
+
+    sidecar = write_phantom(tmp_path, "P0", 0)
+    masks = tmp_path / "pred" / "P0"
+    masks.mkdir(parents=True)
+    geometry = read_json(sidecar)
+    for name in STRUCTURES[:2]:  # Nodule's mask missing
+        write_nrrd(np.zeros((20, 28, 28), np.uint8), geometry, masks / f"{name}.nrrd")
+    row = {"case": "P0", "fold": 0, "split": "val", "volume_sidecar": str(sidecar), "preprocess_sidecar": "",
+           "label_nrrd": str(masks / "label.nrrd"), "masks_dir": str(masks)}
+    predictions = tmp_path / "val_predictions.csv"
+    args = ["--task", "oar", "--predictions", str(predictions), "--out-metrics", str(tmp_path / "m.json"),
+            "--out-per-case", str(tmp_path / "per_case.csv"), "--model", "dynunet", "--fold", "0",
+            "--nsd-tolerance-mm", "1"]
+    cases = [(pd.DataFrame([row], columns=list(Oar.prediction_columns)), "Nodule.nrrd", str(masks)),
+             (pd.DataFrame([row]).drop(columns="masks_dir"), "lacks columns ['masks_dir']", str(predictions))]
+    write_nrrd(np.zeros((20, 28, 27), np.uint8), geometry, masks / "Nodule.nrrd")
+    cases.append((cases[0][0], "Nodule.nrrd has shape (20, 28, 27)", str(masks)))
+    for number, (table, reason, file) in enumerate(cases):
+        if number == 0:
+            (masks / "Nodule.nrrd").rename(tmp_path / "kept.nrrd")
+        if number == 2:
+            (tmp_path / "kept.nrrd").rename(masks / "Nodule.nrrd")
+        table.to_csv(predictions, index=False)
+        capsys.readouterr()
+        assert get_task("oar").evaluate_main(args) == 1
+        message = capsys.readouterr().err  # the job's log (setup_logging: the file and stderr)
+        assert reason in message and file in message, message
+        assert ("case P0" if number != 1 else "case all") in message
+        assert not (tmp_path / "per_case.csv").exists() and not (tmp_path / "m.json").exists()
 
 
 def test_patch_benchmark_runs_tiny(tmp_path):

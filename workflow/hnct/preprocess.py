@@ -250,12 +250,19 @@ def read_reference(volume_sidecar_path: str | Path):
             list(reversed([float(s) for s in sidecar["spacing"]])))
 
 
-def read_prediction(masks_dir: str | Path, names: Sequence[str]) -> np.ndarray:
-    """The (C, z, y, x) boolean predicted masks ``<masks_dir>/<name>.nrrd`` in ``names``' order."""
+def read_prediction(masks_dir: str | Path, names: Sequence[str], shape_zyx: Sequence[int]) -> np.ndarray:
+    """The (C, z, y, x) boolean predicted masks ``<masks_dir>/<name>.nrrd`` in ``names``' order;
+    ValueError naming the file when a mask's (z, y, x) shape is not ``shape_zyx`` (the CT's)."""
     import nrrd
 
-    return np.stack([nrrd.read(str(Path(masks_dir) / f"{name}.nrrd"), index_order="C")[0].astype(bool)
-                     for name in names])
+    masks = []
+    for name in names:
+        path = Path(masks_dir) / f"{name}.nrrd"
+        mask = nrrd.read(str(path), index_order="C")[0]
+        if tuple(mask.shape) != tuple(shape_zyx):
+            raise ValueError(f"{path.name} has shape {tuple(mask.shape)}, the reference {tuple(shape_zyx)}")
+        masks.append(mask.astype(bool))
+    return np.stack(masks)
 
 
 # ---------------------------------------------------------------- one fold's plan

@@ -10,9 +10,10 @@ structure) and ``val_predictions.csv`` into ``results/report/structures/{task}/`
 ``boxplots.png``              per-structure box plots of Dice and HD95, one box per model
 ``dice_heatmap.png``          case x structure Dice per model (grey: not annotated; hatched
                               rows/cols: not scored)
-``overlays.png``              QA: per structure, the axial slice through its reference's centre in
-                              one validation case that has it: CT, reference (green) and
-                              prediction (red) outlines
+``overlays.png``              QA: per structure group (a left/right pair together), the axial
+                              slice through its reference's centre in one validation case that
+                              has it, cropped around it: CT, reference (green) and prediction
+                              (red) outlines
 """
 
 from __future__ import annotations
@@ -137,10 +138,25 @@ def plot_heatmap(per_case: pd.DataFrame, png: str | Path, dpi: int = 110, font_s
     plt.close(fig)
 
 
+def structure_groups(names: Sequence[str]) -> dict[str, list[int]]:
+    """Channels grouped for the QA overlay: each ``<stem>_L`` / ``<stem>_R`` pair under its stem
+    (both sides on one slice), every other structure alone; in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for channel, name in enumerate(names):
+        stem, _, side = str(name).rpartition("_")
+        paired = side in ("L", "R") and {f"{stem}_L", f"{stem}_R"} <= set(map(str, names))
+        groups.setdefault(stem if paired else str(name), []).append(channel)
+    return groups
+
+
+OVERLAY_MARGIN_MM = 15.0  # context around a group's reference on its overlay panel
+
+
 def plot_overlays(prediction_files: Sequence[str | Path], png: str | Path, dpi: int = 110,
                   font_size: float = 10) -> None:
-    """Per structure, the axial slice through its reference's centre in the first validation case
-    (of the first prediction file) where it is annotated and present."""
+    """Per structure group (:func:`structure_groups`), the axial slice through the centre of its
+    reference in the first validation case (of the first prediction file) where one of the group is
+    annotated and present, cropped to the group with :data:`OVERLAY_MARGIN_MM` around it."""
     import nrrd
 
     from hnct.common import read_sidecar
@@ -151,27 +167,38 @@ def plot_overlays(prediction_files: Sequence[str | Path], png: str | Path, dpi: 
         if prediction_files else pd.DataFrame()
     panels = {}
     for record in predictions.itertuples(index=False):
-        ref, names, annotated, _ = read_reference(record.volume_sidecar)
-        wanted = [c for c, n in enumerate(names) if n not in panels and annotated[c] and ref[c].any()]
-        if not wanted:
+        ref, names, annotated, spacing = read_reference(record.volume_sidecar)
+        groups = {group: [c for c in channels if annotated[c] and ref[c].any()]
+                  for group, channels in structure_groups(names).items() if group not in panels}
+        groups = {group: channels for group, channels in groups.items() if channels}
+        if not groups:
             continue
         ct = nrrd.read(read_sidecar(record.volume_sidecar)["volume"], index_order="C")[0]
-        pred = read_prediction(record.masks_dir, names)
-        for c in wanted:
-            z = int(round(np.argwhere(ref[c])[:, 0].mean()))
-            panels[names[c]] = (record.case, ct[z], ref[c, z], pred[c, z])
+        pred = read_prediction(record.masks_dir, names, ref.shape[1:])
+        for group, channels in groups.items():
+            where = np.argwhere(ref[channels].any(axis=0))
+            z = int(round(where[:, 0].mean()))
+            margin = [int(np.ceil(OVERLAY_MARGIN_MM / s)) for s in spacing[1:]]
+            (y0, x0), (y1, x1) = where[:, 1:].min(axis=0) - margin, where[:, 1:].max(axis=0) + margin + 1
+            box = (z, slice(max(y0, 0), y1), slice(max(x0, 0), x1))
+            panels[group] = (record.case, ct[box], ref[channels][(slice(None), *box)],
+                             pred[channels][(slice(None), *box)], spacing[1] / spacing[2])
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False)
     for ax in axes[0]:
         ax.axis("off")
-    for ax, (name, (case, ct, ref, pred)) in zip(axes[0], panels.items()):
-        ax.imshow(np.clip(ct, -160, 240), cmap="gray")
-        ax.contour(ref, levels=[0.5], colors="lime", linewidths=0.8)
-        if pred.any():
-            ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
-        ax.set_title(f"{name}\n{case}", fontsize=font_size * 0.8)
+    for ax, (group, (case, ct, refs, preds, aspect)) in zip(axes[0], panels.items()):
+        ax.imshow(np.clip(ct, -160, 240), cmap="gray", aspect=aspect)
+        for ref, pred in zip(refs, preds):
+            if ref.any():
+                ax.contour(ref, levels=[0.5], colors="lime", linewidths=0.8)
+            if pred.any():
+                ax.contour(pred, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(f"{group}\n{case}", fontsize=font_size * 0.8)
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no annotated structure in the validation cases", ha="center")
+    else:
+        fig.suptitle("reference (green), prediction (red)", fontsize=font_size * 0.8)
     _save(fig, png)
     plt.close(fig)
 

@@ -12,8 +12,9 @@ memory-mapped in training, intensity clipping and z-scoring fitted on the fold's
 
 Training (one trainer loop, :mod:`hnct.train`): random 3D patches of the plan's size, every third one
 centred on a random voxel of a random annotated structure of its case (nnU-Net's foreground
-oversampling); loss :func:`masked_structure_loss`, soft Dice + per-channel BCE in which each case's
-unknown structures weigh nothing (both terms); deep supervision over the network's heads (weights
+oversampling), with ``augment`` mirrored left-right (each ``_L``/``_R`` pair's labels swapped) and
+rotated, scaled and intensity-jittered (:func:`oar_augmentation`); loss :func:`masked_structure_loss`,
+soft Dice + per-channel BCE in which each case's unknown structures weigh nothing (both terms); deep supervision over the network's heads (weights
 1/2^i, normalised) when it returns them; AdamW, polynomial learning-rate decay (nnU-Net's, stepped
 per epoch); with ``train.selection: inner`` the cases of an inner, patient-grouped split of the
 outer fold's training side (:func:`hnct.tasks.inner_rows`, the plan's ``train_rows``) are held out of
@@ -23,7 +24,7 @@ training and model selection reads their Dice (mean over their annotated, non-em
 the annotated structures.
 
 Prediction: ``monai.inferers.sliding_window_inference`` over the whole preprocessed volume (Gaussian
-weighting, ``sw_overlap``, optional mirroring over the three axes), sigmoid probabilities resampled
+weighting, ``sw_overlap``, optional left-right mirroring with the L/R structures swapped back), sigmoid probabilities resampled
 back onto the CT's own grid (linear), thresholded at 0.5: per case ``{split}_pred/{case}/`` holds
 ``label.nrrd`` (uint8, value i+1 = structure i, painted in ``convert.structures`` order, later wins)
 and ``<structure>.nrrd`` per structure, all with exactly the CT's size, origin, spacing and direction.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hnct.tasks import Task, evaluate_fold_parser, register_task
 
@@ -146,8 +147,14 @@ class Oar(Task):
         for item in " ".join(args.nsd_tolerances).split():  # the rule passes one quoted string
             name, _, mm = item.partition("=")
             tolerances[name] = float(mm)
-        evaluate(args.predictions, args.out_metrics, args.out_per_case, args.model, args.fold, tolerances,
-                 args.nsd_tolerance_mm)
+        from hnct.common import InputError
+
+        try:
+            evaluate(args.predictions, args.out_metrics, args.out_per_case, args.model, args.fold, tolerances,
+                     args.nsd_tolerance_mm)
+        except InputError as err:
+            log.error("evaluate %s fold %s: %s", args.model, args.fold, err)
+            return 1
         return 0
 
 
@@ -205,6 +212,7 @@ class CaseVolume:
         self.case, self.sidecar_path = case, sidecar_path
         self.sidecar = read_sidecar(sidecar_path)
         self.annotated = [bool(s["annotated"]) for s in self.sidecar["structures"]]
+        self.lr_axis = lr_axis(self.sidecar["grid"]["direction"])
         self._arrays: dict[str, Any] = {}
 
     def array(self, name: str):
@@ -216,6 +224,60 @@ class CaseVolume:
 
     def __getstate__(self):  # workers map their own arrays
         return {**self.__dict__, "_arrays": {}}
+
+
+def lr_axis(direction: Sequence[float]) -> int:
+    """The (z, y, x) array axis that runs along the patient's left-right (LPS x) axis, from an ITK
+    direction (row-major 3x3: column i is index axis i's direction; array axis = 2 - i)."""
+    import numpy as np
+
+    columns = np.reshape(np.asarray(direction, dtype=float), (3, 3))
+    return 2 - int(np.argmax(np.abs(columns[0])))
+
+
+def lr_swap_order(structures: Sequence[str]) -> list[int]:
+    """Channel order after mirroring left and right: each ``<name>_L`` takes its ``<name>_R``'s channel
+    and back (HaN-Seg, SegRap and the demo name paired structures so); unpaired ones keep theirs."""
+    index = {name: i for i, name in enumerate(structures)}
+    order = list(range(len(structures)))
+    for name, i in index.items():
+        stem, _, side = name.rpartition("_")
+        other = {"L": "R", "R": "L"}.get(side)
+        if other and f"{stem}_{other}" in index:
+            order[i] = index[f"{stem}_{other}"]
+    return order
+
+
+def mirror_lr(image, target, axis: int, swap: Sequence[int]):
+    """(1, z, y, x) image and (C, z, y, x) target mirrored over array ``axis`` (0..2) with the L/R
+    channels swapped (:func:`lr_swap_order`): the mirrored anatomy keeps consistent labels."""
+    import numpy as np
+
+    return (np.ascontiguousarray(np.flip(image, axis=axis + 1)),
+            np.ascontiguousarray(np.flip(target, axis=axis + 1)[list(swap)]))
+
+
+def oar_augmentation(spacing_zyx: Sequence[float]):
+    """Train-time 3D augmentation after the L/R mirror (MONAI dictionary transforms on ``image``
+    (1, z, y, x) and ``target`` (C, z, y, x)), nnU-Net's kinds with milder ranges: rotation about
+    the cranio-caudal axis (in-plane, +-15 deg; nnU-Net rotates about all three, not anatomical
+    for a neck whose structures run along z) and scaling 0.85-1.15 together (p 0.2, labels nearest),
+    brightness x 0.9-1.1 (p 0.15), contrast 0.75-1.25 (p 0.15), Gaussian noise SD 0.1 (p 0.1) on the
+    z-scored image. ``spacing_zyx`` only decides whether in-plane rotation is isotropic enough."""
+    import math
+
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
+                                  RandScaleIntensityd)
+
+    in_plane = abs(float(spacing_zyx[1]) - float(spacing_zyx[2])) <= 0.05 * float(spacing_zyx[1])
+    rotate = (math.radians(15.0), 0.0, 0.0) if in_plane else None
+    return Compose([
+        RandAffined(keys=["image", "target"], prob=0.2, rotate_range=rotate, scale_range=(0.15, 0.15, 0.15),
+                    mode=("bilinear", "nearest"), padding_mode=("border", "zeros")),
+        RandScaleIntensityd(keys="image", prob=0.15, factors=0.1),
+        RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.75, 1.25), retain_stats=True),
+        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1),
+    ])
 
 
 def normalise(hu, intensity: dict[str, float]):
@@ -248,10 +310,13 @@ class PatchDataset:
     (seed, epoch, index): the same epoch draws the same patches, whatever the workers."""
 
     def __init__(self, volumes: list[CaseVolume], n_patches: int, patch_size, intensity, seed: int,
-                 epoch: int) -> None:
+                 epoch: int, structures: Sequence[str] = (), augment=None) -> None:
+        """``augment``: a MONAI transform (:func:`oar_augmentation`) applied after a random L/R mirror
+        (p 0.5, channels swapped by ``structures``' names); None: patches as stored."""
         self.volumes, self.n_patches = volumes, int(n_patches)
         self.patch_size, self.intensity = [int(p) for p in patch_size], intensity
         self.seed, self.epoch = int(seed), int(epoch)
+        self.augment, self.swap = augment, lr_swap_order(structures)
 
     def __len__(self) -> int:
         return self.n_patches
@@ -278,10 +343,19 @@ class PatchDataset:
         volume = self.volumes[int(rng.integers(len(self.volumes)))]
         start = self.start_of(volume, rng, foreground=index % FOREGROUND_EVERY == FOREGROUND_EVERY - 1)
         image = extract_patch(volume.array("image"), start, self.patch_size, self.intensity["clip_low"])
-        target = extract_patch(volume.array("structures"), start, self.patch_size, 0)
-        return {"image": torch.from_numpy(normalise(image, self.intensity)[None]),
-                "target": torch.from_numpy(target.astype(np.float32)),
-                "annotated": torch.tensor(volume.annotated, dtype=torch.float32)}
+        image = normalise(image, self.intensity)[None]
+        target = extract_patch(volume.array("structures"), start, self.patch_size, 0).astype(np.float32)
+        annotated = np.asarray(volume.annotated, dtype=np.float32)
+        if self.augment is not None:
+            if rng.random() < 0.5:
+                image, target = mirror_lr(image, target, volume.lr_axis, self.swap)
+                annotated = annotated[self.swap]
+            self.augment.set_random_state(seed=int(rng.integers(2 ** 31)))
+            item = self.augment({"image": torch.from_numpy(image), "target": torch.from_numpy(target)})
+            image, target = (torch.as_tensor(item[k]).as_subclass(torch.Tensor).numpy() for k in ("image", "target"))
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)),
+                "annotated": torch.from_numpy(annotated)}
 
 
 # ---------------------------------------------------------------- the fold
@@ -304,12 +378,13 @@ class OarRun:
         self.volumes = {split: [CaseVolume(case, path) for case, path in sorted(sides[split].items())]
                         for split in ("train", "inner", "val", "test")}
         self.cases = {split: [v.case for v in vols] for split, vols in self.volumes.items()}
+        self.augment = oar_augmentation(plan["spacing_zyx"]) if cfg["augment"] else None
 
     def train_loader(self, epoch, num_workers):
         from hnct import data as hdata
 
         dataset = PatchDataset(self.volumes["train"], self.cfg["patches_per_epoch"], self.plan["patch_size"],
-                               self.plan["intensity"], self.cfg["seed"], epoch)
+                               self.plan["intensity"], self.cfg["seed"], epoch, self.structures, self.augment)
         return hdata.seeded_loader(dataset, int(self.cfg["batch_size"]), True, num_workers, self.cfg["seed"], epoch)
 
     def loss(self, outputs, batch):
@@ -324,18 +399,20 @@ class OarRun:
 
         image = torch.from_numpy(normalise(np.asarray(volume.array("image")), self.plan["intensity"]))[None, None]
         image = image.to(device)
-        flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if self.cfg["mirror"] else [])
+        # test-time mirroring as training augments: over the left-right axis, L/R channels swapped back
+        mirrors = [False, True] if self.cfg["mirror"] else [False]
+        axis, swap = volume.lr_axis + 2, lr_swap_order(self.structures)
         total = None
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=amp):
-            for axes in flips:
-                flipped = torch.flip(image, axes) if axes else image
+            for mirrored in mirrors:
+                flipped = torch.flip(image, (axis,)) if mirrored else image
                 logits = sliding_window_inference(flipped, self.plan["patch_size"], int(self.cfg["batch_size"]),
                                                   model, overlap=float(self.cfg["sw_overlap"]), mode="gaussian")
                 logits = logits.as_subclass(torch.Tensor) if hasattr(logits, "as_subclass") else logits
                 prob = torch.sigmoid(logits.float())
-                prob = torch.flip(prob, axes) if axes else prob
+                prob = torch.flip(prob, (axis,))[:, swap] if mirrored else prob
                 total = prob if total is None else total + prob
-        return (total / len(flips))[0].cpu().numpy(), image
+        return (total / len(mirrors))[0].cpu().numpy(), image
 
     def validate(self, model, device, num_workers, amp):
         import numpy as np
@@ -431,24 +508,51 @@ def write_case_prediction(prob, sidecar: dict[str, Any], structures: list[str], 
 
 
 # ---------------------------------------------------------------- evaluation
+def read_predictions_table(predictions_csv):
+    """A fold's ``val_predictions.csv`` with :attr:`Oar.prediction_columns`; InputError (case
+    ``all``) naming the file when it is unreadable or lacks columns."""
+    import pandas as pd
+
+    from hnct.common import InputError
+
+    try:
+        table = pd.read_csv(predictions_csv, dtype={"case": str})
+    except (OSError, ValueError) as err:
+        raise InputError("all", predictions_csv, f"cannot read the predictions table: {err}") from err
+    missing = [c for c in Oar.prediction_columns if c not in table.columns]
+    if missing:
+        raise InputError("all", predictions_csv, f"predictions table lacks columns {missing}")
+    return table
+
+
 def evaluate(predictions_csv, out_metrics, out_per_case, model: str, fold: int, tolerances: dict[str, float],
              default_tolerance_mm: float) -> dict[str, Any]:
     """Per-case, per-structure metrics (:func:`hnct.metrics.structures.case_structure_metrics`) of
     one fold's validation predictions against convert's reference channels, on the CT's grid."""
     import pandas as pd
 
-    from hnct.common import atomic_path, software_versions, write_json
+    from hnct.common import InputError, atomic_path, software_versions, write_json
     from hnct.metrics import structures as metrics
     from hnct.preprocess import read_prediction, read_reference
 
-    predictions = pd.read_csv(predictions_csv, dtype={"case": str})
+    predictions = read_predictions_table(predictions_csv)
     rows = []
     for record in predictions.itertuples(index=False):
-        ref, names, annotated, spacing = read_reference(record.volume_sidecar)
-        pred = read_prediction(record.masks_dir, names)
-        for row in metrics.case_structure_metrics(pred, ref, names, annotated, spacing, tolerances,
-                                                  default_tolerance_mm):
-            rows.append({"case": record.case, "fold": fold, "model": model, **row})
+        # a missing or unreadable file, or a prediction whose grid or channels differ from the
+        # reference: InputError naming the case and the file, not a traceback from deep inside
+        try:
+            ref, names, annotated, spacing = read_reference(record.volume_sidecar)
+        except (OSError, KeyError, ValueError) as err:
+            raise InputError(record.case, record.volume_sidecar,
+                             f"cannot read the reference structures: {type(err).__name__}: {err}") from err
+        try:
+            pred = read_prediction(record.masks_dir, names, ref.shape[1:])
+            case_rows = metrics.case_structure_metrics(pred, ref, names, annotated, spacing, tolerances,
+                                                       default_tolerance_mm)
+        except (OSError, ValueError) as err:
+            raise InputError(record.case, record.masks_dir,
+                             f"cannot score the predicted masks: {type(err).__name__}: {err}") from err
+        rows += [{"case": record.case, "fold": fold, "model": model, **row} for row in case_rows]
     table = pd.DataFrame(rows, columns=["case", "fold", "model", *metrics.ROW_COLUMNS])
     with atomic_path(out_per_case) as tmp:
         table.to_csv(tmp, index=False)
