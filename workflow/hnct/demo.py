@@ -18,11 +18,20 @@ In the workflow each case's folder (the plan's ``dicom_dir``: the patient folder
 folder of a patient with two scans) is one declared ``directory()`` output of rule ``demo_case``.
 
 Phantom (HU): air -1000, subcutaneous fat -100, soft tissue 40, vertebra 650 (marrow 250),
-laryngeal cartilage 400 (thyroid shield, cricoid ring) and hyoid 550, airway lumen -1000, tumour 110
-(contrast-enhancing), lymph nodes 30 inside lateral fat pads (-90), Gaussian noise sigma 10 HU.
-The tumour sits on the laryngeal airway wall; for T1-T3 it is confined inside the thyroid
-cartilage (radius < shield inner radius - 1 mm from the airway axis), for T4 it is centred on the
-cartilage, replaces it (a visible gap) and extends about 10 mm outside it into the neck.
+laryngeal cartilage (thyroid shield, cricoid ring) 240-300 with ossified patches 450-700 (per
+patient: shield and cricoid thickness, airway radius, share of ossification), hyoid 550, airway
+lumen -1000, tumour 110 (contrast-enhancing), lymph nodes 30 inside lateral fat pads (-90),
+Gaussian noise sigma 10 HU. The label has no shortcut: every T-stage draws the tumour's size, HU,
+angle and height alike, and its cartilage alike; the stage decides only where along the radius from
+the airway axis the tumour lies (T2: from the airway wall to short of the thyroid shield; T3: from
+the airway wall into its inner cortex; T4: of a T3's size but centred on the shield's outer surface,
+40-60 % of it outside the cartilage in the neck, and the shield destroyed (lysis) over the tumour's
+angular span plus 25 degrees either side at its height: a visible gap in the bright ring). The
+shield volume a tumour (or a T4's lysis) replaces is added to the cricoid ring, so cartilage voxel
+counts do not depend on the stage either; the tumour's side alternates within each stage (plan
+column ``tumour_side``), so every stage is seen on both sides alike
+(tests/test_shortcut.py checks HU-band counts, tumour volume and crop size). Collections hold the
+same T4 share up to rounding.
 
 Broken patients (``broken_cases``): ``gap`` (one CT slice in the middle missing; its RTSTRUCT
 still references the lost slice, as a real lost file leaves it) and ``no_ct`` (only an MR series,
@@ -69,18 +78,29 @@ log = logging.getLogger("hnct.demo")
 DEFAULT_ROOT = "results/demo/dicom"
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (RT references)
 
-# Region codes of the phantom, painted in this order (later wins), and their HU.
-AIR, FAT, SOFT, FAT_PAD, BONE, MARROW, AIRWAY, CARTILAGE, HYOID, TUMOUR, NODE = range(11)
-REGION_HU = np.array([-1000, -100, 40, -90, 650, 250, -1000, 400, 550, 110, 30], dtype=np.float32)
+# Region codes of the phantom, painted in this order (later wins; OSSIFIED within CARTILAGE), and
+# their HU (cartilage and ossified cartilage: per patient, see region_hu()).
+AIR, FAT, SOFT, FAT_PAD, BONE, MARROW, AIRWAY, CARTILAGE, HYOID, TUMOUR, NODE, OSSIFIED = range(12)
+REGION_HU = np.array([-1000, -100, 40, -90, 650, 250, -1000, 270, 550, 110, 30, 550], dtype=np.float32)
 # MR (the no-CT broken patient): arbitrary T2-like magnitudes per region.
-REGION_MR = np.array([0, 900, 350, 880, 150, 600, 0, 120, 150, 700, 650], dtype=np.float32)
+REGION_MR = np.array([0, 900, 350, 880, 150, 600, 0, 120, 150, 700, 650, 150], dtype=np.float32)
 NOISE_HU = 10.0
 
-# Laryngeal framework, mm relative to the larynx centre (airway axis, z = larynx_z).
-AIRWAY_RADIUS = 8.0
-SHIELD_INNER, SHIELD_OUTER, SHIELD_HALF_ANGLE_DEG = 14.0, 16.5, 75.0
+# Laryngeal framework, mm relative to the larynx centre (airway axis, z = larynx_z); ranges are
+# drawn per patient (uniform), alike for every T-stage.
+AIRWAY_RADIUS_RANGE = (6.0, 8.5)
+AIRWAY_RADIUS = AIRWAY_RADIUS_RANGE[1]  # the widest: hnct.demo_oar's fallback when an anatomy has no cartilage entry
+SHIELD_INNER, SHIELD_THICKNESS_RANGE, SHIELD_HALF_ANGLE_DEG = 14.0, (1.8, 3.0), 75.0
 SHIELD_Z = (-8.0, 16.0)
-CRICOID_INNER, CRICOID_OUTER, CRICOID_Z = 11.0, 14.0, (-16.0, -9.0)
+CRICOID_INNER, CRICOID_THICKNESS_RANGE, CRICOID_Z = 11.0, (2.8, 3.8), (-16.0, -9.0)
+CARTILAGE_MATRIX_HU, CARTILAGE_OSSIFIED_HU, OSSIFICATION_LEVEL = (240.0, 300.0), (450.0, 700.0), (-0.6, 0.6)
+# Primary tumour, every stage alike: volume, z semi-axis / tangential semi-axis, angle from
+# anterior (either side), height of its centre above the larynx centre.
+TUMOUR_VOLUME_MM3, TUMOUR_ELONGATION = (600.0, 1000.0), (1.1, 1.3)
+TUMOUR_ANGLE_DEG, TUMOUR_Z_OFFSET_MM = (20.0, 50.0), (2.0, 5.0)
+# T4: the thyroid shield is destroyed (lysis) over the tumour's angular span plus this margin (deg)
+# either side, over its height; the lost cartilage goes to the cricoid like the tumour-replaced part.
+LYSIS_MARGIN_DEG = 25.0
 HYOID_INNER, HYOID_OUTER, HYOID_Z = 19.0, 22.0, (18.0, 21.0)
 LARYNX_RADIUS, LARYNX_Z = 20.0, (-16.0, 24.0)  # epiglottis tip at +24, cricoid lower edge at -16
 NECK_SEMI = (50.0, 45.0)  # LR, AP semi-axes of the skin ellipse, mm
@@ -135,16 +155,25 @@ def plan_cohort(n_patients: int = 24, seed: int = 1729, t4_fraction: float = 0.3
     """Plan the synthetic cohort: one row per case in the cohort-table format (:mod:`hnct.cohort`).
 
     Cheap and deterministic (no pixels, no I/O). ``n_patients`` usable patients are spread over
-    three collections; ``round(t4_fraction * n_patients)`` of them are T4; about one in five is
-    node-negative; the first ``two_scan_patients`` patients of DEMO-BETA get a second scan (two
-    cases, one PatientID, ``dicom_dir`` = each study folder); ``broken_cases`` adds two patients
-    (``demo_kind`` gap and no_ct). Extra columns carry the plan (geometry in mm, UIDs, seeds).
+    three collections; ``round(t4_fraction * n_patients)`` of them are T4, spread so that every
+    collection holds the same T4 share of its scans up to rounding (:func:`_plan_stages`), the others
+    T2 or T3; about one in five is node-negative; the first ``two_scan_patients`` patients of
+    DEMO-BETA get a second scan (two cases, one PatientID, ``dicom_dir`` = each study folder);
+    ``broken_cases`` adds two patients (``demo_kind`` gap and no_ct). Extra columns carry the plan
+    (geometry in mm, UIDs, seeds).
     """
     rng = np.random.default_rng([seed, 0])
     names = list(COLLECTIONS)
     n_t4 = int(round(t4_fraction * n_patients))
-    stages = ["T4"] * n_t4 + [f"T{1 + i % 3}" for i in range(n_patients - n_t4)]
-    rng.shuffle(stages)
+    collection_of = [names[index % len(names)] for index in range(n_patients)]
+    two_scan = [index for index in range(n_patients) if collection_of[index] == "DEMO-BETA"][:two_scan_patients]
+    stages = _plan_stages(rng, collection_of, two_scan, n_t4)
+    # Tumour side (patient left = +x, right) alternates within each stage: every stage has both sides
+    # about equally often, so neither side nor a side-specific pattern stands in for T4.
+    side_of = {}
+    for stage in ("T2", "T3", "T4"):
+        for k, index in enumerate(i for i in range(n_patients) if stages[i] == stage):
+            side_of[index] = ("left", "right")[k % 2]
     n_negative = max(1, int(round(0.2 * n_patients)))
     node_pos = np.ones(n_patients, dtype=int)
     node_pos[rng.choice(n_patients, n_negative, replace=False)] = 0
@@ -170,8 +199,9 @@ def plan_cohort(n_patients: int = 24, seed: int = 1729, t4_fraction: float = 0.3
             "patient": patient, "collection": collection, "t_stage": t_stage,
             "label_t4": str(int(t_stage == "T4")), "node_positive": str(node_positive),
             "demo_kind": kind, "anatomy_seed": str(_int_seed(seed, patient, "anatomy")),
+            "tumour_side": side_of.get(index, "left"),
             "n_nodes": str(int(prng.integers(1, 4)) if node_positive else 0),
-            "subsite": SUBSITES[int(prng.integers(0, len(SUBSITES)))] if t_stage != "T4" else "Glottis",
+            "subsite": SUBSITES[int(prng.integers(0, len(SUBSITES)))],
             "age": str(int(prng.integers(42, 84))), "sex": "M" if prng.random() < 0.8 else "F",
         }
         for scan in range(n_scans):
@@ -183,6 +213,40 @@ def plan_cohort(n_patients: int = 24, seed: int = 1729, t4_fraction: float = 0.3
                                 else f"{collection}/{patient}/{row['study_folder']}")
             rows.append(row)
     return check_cohort(pd.DataFrame(rows), source=f"demo plan (seed {seed})")
+
+
+def _plan_stages(rng: np.random.Generator, collection_of: list[str], two_scan: list[int],
+                 n_t4: int) -> list[str]:
+    """T-stage of each usable patient: ``n_t4`` T4, the rest alternately T2 and T3 (shuffled).
+
+    The T4 patients go one at a time to the collection whose share of T4 scans stays lowest after
+    taking it (a two-scan patient counts twice and is taken only when its collection has no
+    single-scan patient left), so collection predicts the label no better than rounding allows.
+    """
+    n_patients = len(collection_of)
+    weight = [2 if index in two_scan else 1 for index in range(n_patients)]
+    scans = {c: sum(w for w, cc in zip(weight, collection_of) if cc == c) for c in dict.fromkeys(collection_of)}
+    t4_scans = dict.fromkeys(scans, 0)
+    free = {c: [i for i in range(n_patients) if collection_of[i] == c] for c in scans}
+    is_t4 = [False] * n_patients
+    for _ in range(n_t4):
+        options = []
+        for c, candidates in free.items():
+            singles = [i for i in candidates if weight[i] == 1]
+            pool = singles or candidates
+            if pool:
+                options.append(((t4_scans[c] + weight[pool[0]]) / scans[c], c, pool))
+        _, c, pool = min(options, key=lambda option: option[:2])
+        chosen = int(pool[int(rng.integers(0, len(pool)))])
+        is_t4[chosen] = True
+        t4_scans[c] += weight[chosen]
+        free[c].remove(chosen)
+    others = [f"T{2 + i % 2}" for i in range(n_patients - n_t4)]
+    rng.shuffle(others)
+    stages, rest = [], iter(others)
+    for index in range(n_patients):
+        stages.append("T4" if is_t4[index] else next(rest))
+    return stages
 
 
 def _plan_scan(seed: int, case: str, collection: str, kind: str, with_localizer: bool) -> dict[str, str]:
@@ -289,30 +353,58 @@ def case_files(row: pd.Series) -> list[str]:
 def anatomy(row: pd.Series) -> dict[str, Any]:
     """The planted structures of a case in LPS mm (recomputed from the row; same for both scans).
 
-    Larynx centre = (larynx_x, larynx_y, larynx_z) on the airway axis. Tumour: ellipsoid
-    (centre, semi_axes) with ``confine_radius`` (T1-T3: voxels only where the distance from the
-    airway axis is below it); nodes: ellipsoids.
+    Larynx centre = (larynx_x, larynx_y, larynx_z) on the airway axis. Every patient gets its own
+    airway radius and cartilage (thyroid shield thickness, cricoid thickness, matrix and ossified HU,
+    ossified share), drawn alike for every T-stage. Tumour: an ellipsoid with axes along the radius
+    from the airway axis, the tangent and z (``semi_axes`` in that order, ``angle_deg_from_anterior``
+    its direction); T2 and T3 grow from the airway wall (inner edge 0.5-1.5 mm inside the lumen), T4
+    is centred on the thyroid shield's outer surface; its volume, angle and height are drawn alike for
+    every T-stage, only where along the radius it lies differs (:func:`_tumour_radial_extent`), the tangent and z axes keeping the drawn volume. A T4 also destroys
+    the shield over its angular span plus ``LYSIS_MARGIN_DEG`` at its height (``cartilage["lysis"]``).
+    The thyroid cartilage the tumour or the lysis replaces is given back to the cricoid ring (its outer radius grows), so the
+    cartilage volume does not depend on the stage. Nodes: ellipsoids (axis-aligned).
     """
     rng = np.random.default_rng(int(row["anatomy_seed"]))
     neck_x, neck_y, larynx_z = float(row["neck_x"]), float(row["neck_y"]), float(row["larynx_z"])
     larynx_x = neck_x + float(rng.uniform(-3, 3))
     larynx_y = neck_y - AIRWAY_ANTERIOR_OF_NECK
-    side = 1.0 if rng.random() < 0.5 else -1.0  # tumour on patient left (+x) or right
-    stage = row["t_stage"]
-    if stage == "T4":
-        angle = math.radians(float(rng.uniform(25, 45))) * side  # from anterior, through the shield
-        radius = (SHIELD_INNER + SHIELD_OUTER) / 2
-        semi = [float(rng.uniform(10.5, 12.0))] * 2 + [float(rng.uniform(12, 14))]
-        centre_z = larynx_z + float(rng.uniform(2, 5))
-        confine = None
-    else:
-        angle = math.radians(float(rng.uniform(20, 70))) * side
-        radius = AIRWAY_RADIUS
-        size = {"T1": 3.5, "T2": 5.0, "T3": 6.5}[stage] + float(rng.uniform(-0.5, 0.5))
-        semi = [size, size, size * 1.3]
-        centre_z = larynx_z + float(rng.uniform(0, 6))
-        confine = SHIELD_INNER - 1.0
-    tumour_centre = [larynx_x + radius * math.sin(angle), larynx_y - radius * math.cos(angle), centre_z]
+    side = 1.0 if row["tumour_side"] == "left" else -1.0  # patient left is +x
+    cartilage = {
+        "airway_radius_mm": float(rng.uniform(*AIRWAY_RADIUS_RANGE)),
+        "shield_inner_mm": SHIELD_INNER,
+        "shield_outer_mm": SHIELD_INNER + float(rng.uniform(*SHIELD_THICKNESS_RANGE)),
+        "cricoid_inner_mm": CRICOID_INNER,
+        "cricoid_thickness_mm": float(rng.uniform(*CRICOID_THICKNESS_RANGE)),
+        "matrix_hu": float(rng.uniform(*CARTILAGE_MATRIX_HU)),
+        "ossified_hu": float(rng.uniform(*CARTILAGE_OSSIFIED_HU)),
+        # ossified where a smooth pattern of angle and height exceeds this level (-1: all, 1: none)
+        "ossification_level": float(rng.uniform(*OSSIFICATION_LEVEL)),
+        "ossification_phase": [float(v) for v in rng.uniform(0, 2 * math.pi, size=2)],
+    }
+    # Same volume, angle and height for every stage; the stage decides only how far out it reaches.
+    volume = float(rng.uniform(*TUMOUR_VOLUME_MM3))
+    elongation = float(rng.uniform(*TUMOUR_ELONGATION))
+    angle = math.radians(float(rng.uniform(*TUMOUR_ANGLE_DEG))) * side
+    centre_z = larynx_z + float(rng.uniform(*TUMOUR_Z_OFFSET_MM))
+    inner_extent, outer_extent = _tumour_radial_extent(
+        row["t_stage"], cartilage, float(rng.uniform(0.5, 1.5)), float(rng.random()))
+    radial = (outer_extent - inner_extent) / 2
+    tangential = math.sqrt(volume / (4 / 3 * math.pi * radial * elongation))
+    radius = inner_extent + radial
+    tumour = {"centre": [larynx_x + radius * math.sin(angle), larynx_y - radius * math.cos(angle), centre_z],
+              "semi_axes": [radial, tangential, tangential * elongation], "volume_mm3": volume,
+              "inner_extent_mm": inner_extent, "outer_extent_mm": outer_extent,
+              "angle_deg_from_anterior": math.degrees(angle)}
+    if row["t_stage"] == "T4":  # the shield is destroyed where the tumour passes through it
+        span = math.degrees(tangential / cartilage["shield_outer_mm"]) + LYSIS_MARGIN_DEG
+        cartilage["lysis"] = {"angle_deg": math.degrees(angle), "half_angle_deg": span,
+                              "dz": [centre_z - larynx_z - tangential * elongation,
+                                     centre_z - larynx_z + tangential * elongation]}
+    replaced = _shield_volume_replaced(tumour, cartilage, [larynx_x, larynx_y, larynx_z])
+    cartilage["shield_replaced_mm3"] = replaced
+    height = CRICOID_Z[1] - CRICOID_Z[0]
+    inner, thickness = cartilage["cricoid_inner_mm"], cartilage["cricoid_thickness_mm"]
+    cartilage["cricoid_outer_mm"] = math.sqrt((inner + thickness) ** 2 + replaced / (math.pi * height))
     nodes = []
     for i in range(int(row["n_nodes"])):
         node_side = 1.0 if i % 2 == 0 else -1.0
@@ -328,10 +420,82 @@ def anatomy(row: pd.Series) -> dict[str, Any]:
     return {
         "neck_centre": [neck_x, neck_y], "neck_semi_axes": list(NECK_SEMI),
         "larynx_centre": [larynx_x, larynx_y, larynx_z],
-        "tumour": {"centre": tumour_centre, "semi_axes": semi, "confine_radius": confine,
-                   "angle_deg_from_anterior": math.degrees(angle)},
-        "nodes": nodes,
+        "cartilage": cartilage, "tumour": tumour, "nodes": nodes,
     }
+
+
+def _tumour_radial_extent(t_stage: str, cartilage: dict[str, Any], wall_gap: float, u: float) -> tuple[float, float]:
+    """Distances (mm) of the tumour's innermost and outermost points from the airway axis.
+
+    ``wall_gap`` uniform in [0.5, 1.5), ``u`` uniform in [0, 1). T2 and T3 grow from the airway wall
+    (inner edge ``wall_gap`` inside the lumen) outwards: T2 to 0.5-2 mm short of the shield's inner
+    surface, T3 into its inner cortex (0.3 mm past the inner surface to 1 mm short of the outer one).
+    T4 (through the cartilage into the neck): the radial size a T3 of the same draws would have,
+    centred within 0.5 mm of the shield's outer surface, so 40-60 % of the tumour lies outside the
+    cartilage and the shield beside the breach is gone over its whole thickness: the breach is a
+    large, visible part of the tumour, not a rim a few voxels wide.
+    """
+    inner, outer = cartilage["shield_inner_mm"], cartilage["shield_outer_mm"]
+    wall = cartilage["airway_radius_mm"] - wall_gap
+    into_cortex = inner + 0.3 + (outer - inner - 1.3) * u
+    if t_stage == "T4":
+        radial = (into_cortex - wall) / 2
+        centre = outer + wall_gap - 1.0
+        return centre - radial, centre + radial
+    if t_stage == "T3":
+        return wall, into_cortex
+    return wall, inner - 0.5 - 1.5 * u
+
+
+def _shield_mask(cartilage: dict[str, Any], dz, r, theta, lysis: bool = True) -> np.ndarray:
+    """Thyroid shield: a shell of the patient's radii, |angle from anterior| <= 75 deg, SHIELD_Z; with
+    ``lysis``, without the destroyed sector of a T4 (``cartilage["lysis"]``: angle, half-width, dz)."""
+    shield = ((dz >= SHIELD_Z[0]) & (dz <= SHIELD_Z[1]) & (r >= cartilage["shield_inner_mm"])
+              & (r <= cartilage["shield_outer_mm"]) & (np.abs(theta) <= SHIELD_HALF_ANGLE_DEG))
+    gone = cartilage.get("lysis") if lysis else None
+    if gone:
+        shield &= ~((np.abs(theta - gone["angle_deg"]) <= gone["half_angle_deg"])
+                    & (dz >= gone["dz"][0]) & (dz <= gone["dz"][1]))
+    return shield
+
+
+def _in_tumour(tumour: dict[str, Any], X, Y, Z) -> np.ndarray:
+    """Points (LPS mm arrays) inside the tumour ellipsoid (axes: radial, tangential, z)."""
+    angle = math.radians(tumour["angle_deg_from_anterior"])
+    dx, dy, dz = X - tumour["centre"][0], Y - tumour["centre"][1], Z - tumour["centre"][2]
+    radial = dx * math.sin(angle) - dy * math.cos(angle)  # outward: anterior is -y
+    tangential = dx * math.cos(angle) + dy * math.sin(angle)
+    a, b, c = tumour["semi_axes"]
+    return (radial / a) ** 2 + (tangential / b) ** 2 + (dz / c) ** 2 <= 1
+
+
+def tumour_half_extent(tumour: dict[str, Any]) -> list[float]:
+    """Half-widths (mm) of the tumour's axis-aligned bounding box (x, y, z)."""
+    angle = math.radians(tumour["angle_deg_from_anterior"])
+    a, b, c = tumour["semi_axes"]
+    return [math.hypot(a * math.sin(angle), b * math.cos(angle)),
+            math.hypot(a * math.cos(angle), b * math.sin(angle)), c]
+
+
+def _shield_volume_replaced(tumour: dict[str, Any], cartilage: dict[str, Any], centre) -> float:
+    """Volume (mm3) of the intact thyroid shield that the tumour or a T4's lysis replaces (0.25 mm grid
+    over the shield's box, at the tumour's height)."""
+    step, outer = 0.25, cartilage["shield_outer_mm"]
+    z_lo = max(tumour["centre"][2] - tumour["semi_axes"][2], centre[2] + SHIELD_Z[0])
+    z_hi = min(tumour["centre"][2] + tumour["semi_axes"][2], centre[2] + SHIELD_Z[1])
+    if "lysis" in cartilage:
+        z_lo = min(z_lo, centre[2] + max(cartilage["lysis"]["dz"][0], SHIELD_Z[0]))
+        z_hi = max(z_hi, centre[2] + min(cartilage["lysis"]["dz"][1], SHIELD_Z[1]))
+    if z_hi < z_lo:
+        return 0.0
+    X, Y, Z = np.meshgrid(np.arange(centre[0] - outer, centre[0] + outer + step, step),
+                          np.arange(centre[1] - outer, centre[1] + outer / 2, step),
+                          np.arange(z_lo, z_hi + step, step), indexing="ij")
+    dx, dy = X - centre[0], Y - centre[1]
+    r, theta, dz = np.hypot(dx, dy), np.degrees(np.arctan2(dx, -dy)), Z - centre[2]
+    intact = _shield_mask(cartilage, dz, r, theta, lysis=False)
+    left = _shield_mask(cartilage, dz, r, theta) & ~_in_tumour(tumour, X, Y, Z)
+    return float((intact & ~left).sum() * step ** 3)
 
 
 def _region_slice(anat: dict[str, Any], z: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -355,11 +519,16 @@ def _region_slice(anat: dict[str, Any], z: float, xs: np.ndarray, ys: np.ndarray
     dx, dy = X - cx, Y - cy
     r = np.hypot(dx, dy)
     theta = np.degrees(np.arctan2(dx, -dy))  # 0 = anterior, + = patient left
-    region[r <= AIRWAY_RADIUS] = AIRWAY
-    if SHIELD_Z[0] <= dz <= SHIELD_Z[1]:
-        region[(r >= SHIELD_INNER) & (r <= SHIELD_OUTER) & (np.abs(theta) <= SHIELD_HALF_ANGLE_DEG)] = CARTILAGE
+    cartilage = anat["cartilage"]
+    region[r <= cartilage["airway_radius_mm"]] = AIRWAY
+    ring = _shield_mask(cartilage, dz, r, theta)
     if CRICOID_Z[0] <= dz <= CRICOID_Z[1]:
-        region[(r >= CRICOID_INNER) & (r <= CRICOID_OUTER)] = CARTILAGE
+        ring |= (r >= cartilage["cricoid_inner_mm"]) & (r <= cartilage["cricoid_outer_mm"])
+    # Partial ossification: smooth patches over angle and height, the patient's share of them.
+    phase = cartilage["ossification_phase"]
+    pattern = np.sin(np.radians(3.0 * theta) + phase[0]) * np.cos(0.35 * dz + phase[1])
+    region[ring] = CARTILAGE
+    region[ring & (pattern > cartilage["ossification_level"])] = OSSIFIED
     if HYOID_Z[0] <= dz <= HYOID_Z[1]:
         region[(r >= HYOID_INNER) & (r <= HYOID_OUTER) & (np.abs(theta) <= 80.0)] = HYOID
     region[_tumour_mask(anat, z, X, Y)] = TUMOUR
@@ -377,11 +546,17 @@ def _ellipsoid(centre, semi_axes, z, X, Y) -> np.ndarray:
 
 def _tumour_mask(anat, z, X, Y) -> np.ndarray:
     tumour = anat["tumour"]
-    mask = _ellipsoid(tumour["centre"], tumour["semi_axes"], z, X, Y)
-    if tumour["confine_radius"] is not None:
-        cx, cy, _ = anat["larynx_centre"]
-        mask &= np.hypot(X - cx, Y - cy) < tumour["confine_radius"]
-    return mask
+    if abs(z - tumour["centre"][2]) > tumour["semi_axes"][2]:
+        return np.zeros(X.shape, dtype=bool)
+    return _in_tumour(tumour, X, Y, z)
+
+
+def region_hu(anat: dict[str, Any]) -> np.ndarray:
+    """HU of each region code for this patient (its own cartilage matrix and ossified HU)."""
+    table = REGION_HU.copy()
+    table[CARTILAGE] = anat["cartilage"]["matrix_hu"]
+    table[OSSIFIED] = anat["cartilage"]["ossified_hu"]
+    return table
 
 
 def _larynx_mask(anat, z, X, Y) -> np.ndarray:
@@ -389,6 +564,32 @@ def _larynx_mask(anat, z, X, Y) -> np.ndarray:
     if not LARYNX_Z[0] <= z - cz <= LARYNX_Z[1]:
         return np.zeros(X.shape, dtype=bool)
     return np.hypot(X - cx, Y - cy) <= LARYNX_RADIUS
+
+
+def phantom_crop(row: pd.Series, margin_mm: float = 8.0, spacing_mm: float = 1.0) -> dict[str, np.ndarray]:
+    """The case's laryngeal crop straight from the phantom, without DICOM, convert or resampling.
+
+    The box is the workflow's default crop (the Larynx region's bounding box plus ``margin_mm``),
+    sampled at ``spacing_mm`` voxel centres; noise as in the CT (seeded by the case's pixel seed).
+    Returns ``hu`` (int16, (z, y, x), z ascending = inferior first as in LPS) and ``tumour`` (bool,
+    the GTVp). For tests and tuning harnesses that need many crops in seconds.
+    """
+    anat = anatomy(row)
+    cx, cy, cz = anat["larynx_centre"]
+    half = LARYNX_RADIUS + margin_mm
+    xs = np.arange(cx - half, cx + half + 1e-6, spacing_mm)
+    ys = np.arange(cy - half, cy + half + 1e-6, spacing_mm)
+    zs = np.arange(cz + LARYNX_Z[0] - margin_mm, cz + LARYNX_Z[1] + margin_mm + 1e-6, spacing_mm)
+    X, Y = np.meshgrid(xs, ys)
+    table = region_hu(anat)
+    noise = np.random.default_rng(int(row["pixel_seed"]))
+    hu = np.empty((len(zs), len(ys), len(xs)), dtype=np.int16)
+    tumour = np.zeros(hu.shape, dtype=bool)
+    for k, z in enumerate(zs):
+        region = _region_slice(anat, z, xs, ys)
+        hu[k] = np.clip(np.rint(table[region] + noise.normal(0, NOISE_HU, region.shape)), -1024, 3071)
+        tumour[k] = _tumour_mask(anat, z, X, Y)
+    return {"hu": hu, "tumour": tumour}
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -498,6 +699,7 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
             written.append(f"{s['folder']}/{name}")
     else:
         s = by_key["ct"]
+        hu_table = region_hu(anat)
         slice_uids = _ct_slice_uids(row)
         X, Y = np.meshgrid(geo["xs"], geo["ys"])
         present = [k for k in range(n) if k != missing]
@@ -506,7 +708,7 @@ def write_case(row: pd.Series, dicom_root: str | Path, manifest_path: str | Path
         oar, oar_rng = demo_oar.Phantom(anat, X, Y), np.random.default_rng([int(row["pixel_seed"]), 13])
         for name, k in zip(s["files"], present_desc):
             region = _region_slice(anat, zs[k], geo["xs"], geo["ys"])
-            hu = REGION_HU[region] + noise_rng.normal(0, NOISE_HU, region.shape).astype(np.float32)
+            hu = hu_table[region] + noise_rng.normal(0, NOISE_HU, region.shape).astype(np.float32)
             oar.paint_hu(hu, region, zs[k], oar_rng)  # organs at risk (hnct.demo_oar)
             stored = np.clip(np.rint(hu), -1024, 3071) + 1024
             ds = _image_dataset(row, s, slice_uids[k], stored, signed=True)
@@ -688,14 +890,18 @@ def _rtstruct_dataset(row, rt, ct, slice_uids, contours) -> Dataset:
 
 def _manifest(row, geo, anat, series, written, contours) -> dict[str, Any]:
     cx, cy, cz = anat["larynx_centre"]
+    cartilage = anat["cartilage"]
+    shield_inner, shield_outer = cartilage["shield_inner_mm"], cartilage["shield_outer_mm"]
     # Boxes (LPS mm) of the thyroid shield (|angle from anterior| <= 75 deg) and of the whole
     # cartilage framework (shield + cricoid ring).
     half = math.radians(SHIELD_HALF_ANGLE_DEG)
-    shield_box = {"min": [cx - SHIELD_OUTER * math.sin(half), cy - SHIELD_OUTER, cz + SHIELD_Z[0]],
-                  "max": [cx + SHIELD_OUTER * math.sin(half), cy - SHIELD_INNER * math.cos(half),
+    shield_box = {"min": [cx - shield_outer * math.sin(half), cy - shield_outer, cz + SHIELD_Z[0]],
+                  "max": [cx + shield_outer * math.sin(half), cy - shield_inner * math.cos(half),
                           cz + SHIELD_Z[1]]}
-    cartilage_box = {"min": [shield_box["min"][0], cy - SHIELD_OUTER, cz + CRICOID_Z[0]],
-                     "max": [shield_box["max"][0], cy + CRICOID_OUTER, cz + SHIELD_Z[1]]}
+    cartilage_box = {"min": [min(shield_box["min"][0], cx - cartilage["cricoid_outer_mm"]),
+                             cy - shield_outer, cz + CRICOID_Z[0]],
+                     "max": [max(shield_box["max"][0], cx + cartilage["cricoid_outer_mm"]),
+                             cy + cartilage["cricoid_outer_mm"], cz + SHIELD_Z[1]]}
     tumour = anat["tumour"]
     return {
         "case": row["case"], "patient": row["patient"], "collection": row["collection"],
@@ -712,24 +918,40 @@ def _manifest(row, geo, anat, series, written, contours) -> dict[str, Any]:
             "larynx_centre_lps": [cx, cy, cz],
             "larynx_roi": {"radius_mm": LARYNX_RADIUS, "z_min": cz + LARYNX_Z[0], "z_max": cz + LARYNX_Z[1]},
             "tumour": {"centre_lps": tumour["centre"], "semi_axes_mm": tumour["semi_axes"],
-                       "confine_radius_mm": tumour["confine_radius"],
+                       "outer_extent_mm": tumour["outer_extent_mm"],
+                       "axes": "radial, tangential, z", "volume_mm3": tumour["volume_mm3"],
+                       "inner_extent_mm": tumour["inner_extent_mm"],
                        "angle_deg_from_anterior": tumour["angle_deg_from_anterior"],
                        "breaks_cartilage": row["t_stage"] == "T4"},
-            "thyroid_shield": {"inner_radius_mm": SHIELD_INNER, "outer_radius_mm": SHIELD_OUTER,
+            "airway_radius_mm": cartilage["airway_radius_mm"],
+            "thyroid_shield": {"inner_radius_mm": shield_inner, "outer_radius_mm": shield_outer,
                                "half_angle_deg": SHIELD_HALF_ANGLE_DEG,
-                               "z_min": cz + SHIELD_Z[0], "z_max": cz + SHIELD_Z[1], "box_lps": shield_box},
-            "cricoid": {"inner_radius_mm": CRICOID_INNER, "outer_radius_mm": CRICOID_OUTER,
+                               "z_min": cz + SHIELD_Z[0], "z_max": cz + SHIELD_Z[1], "box_lps": shield_box,
+                               "replaced_by_tumour_or_lysis_mm3": cartilage["shield_replaced_mm3"],
+                               "lysis": _lysis_truth(cartilage, cz)},
+            "cricoid": {"inner_radius_mm": cartilage["cricoid_inner_mm"],
+                        "outer_radius_mm": cartilage["cricoid_outer_mm"],
                         "z_min": cz + CRICOID_Z[0], "z_max": cz + CRICOID_Z[1]},
             "cartilage_box_lps": cartilage_box,
             "nodes": [{"centre_lps": nd["centre"], "semi_axes_mm": nd["semi_axes"]} for nd in anat["nodes"]],
             "n_contours": {name: len(items) for name, items in contours.items()},
-            "hu": {"air": -1000, "fat": -100, "soft_tissue": 40, "cartilage": 400, "bone": 650,
-                   "tumour": 110, "node": 30, "noise_sigma": NOISE_HU},
+            "hu": {"air": -1000, "fat": -100, "soft_tissue": 40, "cartilage": cartilage["matrix_hu"],
+                   "ossified_cartilage": cartilage["ossified_hu"], "bone": 650,
+                   "tumour": float(REGION_HU[TUMOUR]), "node": 30, "noise_sigma": NOISE_HU},
         },
     }
 
 
 # ---------------------------------------------------------------------------- cohort tables
+
+def _lysis_truth(cartilage: dict[str, Any], cz: float) -> dict[str, float] | None:
+    """The destroyed shield sector of a T4 (angle from anterior, half-width, LPS z range), else None."""
+    gone = cartilage.get("lysis")
+    if not gone:
+        return None
+    return {"angle_deg_from_anterior": gone["angle_deg"], "half_angle_deg": gone["half_angle_deg"],
+            "z_min": cz + gone["dz"][0], "z_max": cz + gone["dz"][1]}
+
 
 def write_cohort_tables(cohort: pd.DataFrame, dicom_root: str | Path, metadata_csv: str | Path,
                         clinical_tsv: str | Path) -> None:
