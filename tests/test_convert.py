@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.misc import is_dicom
 import pytest
 import SimpleITK as sitk
 
@@ -283,7 +284,7 @@ def test_demo_case_with_localizer_converts_and_matches_pydicom(demo_cohort, tmp_
     assert sidecar["status"] == "ok", sidecar.get("reason")
     assert sidecar["series_uid"] == row["ct_series_uid"]  # not the localizer
     headers = [ds for ds in (pydicom.dcmread(f, stop_before_pixels=True)
-                             for f in (tmp_path / "dicom").rglob("*") if f.is_file())
+                             for f in (tmp_path / "dicom").rglob("*") if f.is_file() and is_dicom(f))
                if ds.SeriesInstanceUID == row["ct_series_uid"]]
     headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
     image = sitk.ReadImage(str(out / "volumes" / "C.nrrd"))
