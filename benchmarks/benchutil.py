@@ -87,11 +87,14 @@ def run_measured(cmd: Sequence[str], timeout: float | None = None, env: dict[str
                  cwd: str | Path | None = None, poll_s: float = 0.05) -> dict[str, Any]:
     """Run ``cmd`` as a child; return its wall time, CPU time, peak memory and its stdout/stderr.
 
-    Peak memory: the child's resident memory plus that of its descendants, polled every
-    ``poll_s`` with psutil (``peak_rss_mb``; can miss a spike shorter than the interval). The
-    child's ``ru_maxrss`` from ``os.wait4`` is NOT used as a peak: Linux carries the forking
-    parent's high-water mark over ``exec`` into it. Workers that report their own ``VmHWM``
-    are exact.
+    Wall time ends when the child exits: this thread blocks in ``os.wait4`` (a polling loop would
+    round every run up to its next poll, up to 50 ms on a 0.16 s dcm2niix run). Peak memory: the
+    child's resident memory plus that of its descendants, polled every ``poll_s`` by a watcher
+    thread with psutil (``peak_rss_mb``; can miss a spike shorter than the interval; after 5 s the
+    watcher polls every 0.25 s, as polling costs CPU too), which also kills the child at the
+    timeout. The child's ``ru_maxrss`` from ``os.wait4`` is NOT used as a peak: Linux carries the
+    forking parent's high-water mark over ``exec`` into it. Workers that report their own
+    ``VmHWM`` are exact.
     """
     import threading
 
@@ -106,23 +109,15 @@ def run_measured(cmd: Sequence[str], timeout: float | None = None, env: dict[str
         for line in stream:
             chunks[key].append(line)
 
-    # Drain the pipes in threads so a chatty child cannot block on a full pipe.
-    threads = [threading.Thread(target=drain, args=(proc.stdout, "out"), daemon=True),
-               threading.Thread(target=drain, args=(proc.stderr, "err"), daemon=True)]
-    for t in threads:
-        t.start()
-    deadline = None if timeout is None else start + timeout
-    peak = 0
-    timed_out = False
-    try:
-        watched = psutil.Process(proc.pid)
-    except psutil.NoSuchProcess:
-        watched = None
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        if watched is not None:
+    exited = threading.Event()
+    watch = {"peak": 0, "timed_out": False}
+
+    def watcher():
+        try:
+            watched = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not exited.is_set():
             try:
                 rss = watched.memory_info().rss
                 for child in watched.children(recursive=True):
@@ -130,29 +125,37 @@ def run_measured(cmd: Sequence[str], timeout: float | None = None, env: dict[str
                         rss += child.memory_info().rss
                     except psutil.NoSuchProcess:
                         pass
-                peak = max(peak, rss)
+                watch["peak"] = max(watch["peak"], rss)
             except psutil.NoSuchProcess:
-                pass
-        if deadline is not None and time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            timed_out = True
-            break
-        # Poll fast at first (short stages), then every 0.25 s (long runs: polling costs CPU too).
-        time.sleep(poll_s if time.perf_counter() - start < 5 else max(poll_s, 0.25))
+                return
+            elapsed = time.perf_counter() - start
+            if timeout is not None and elapsed > timeout:
+                watch["timed_out"] = True
+                proc.kill()
+                return
+            exited.wait(poll_s if elapsed < 5 else max(poll_s, 0.25))
+
+    # Drain the pipes in threads so a chatty child cannot block on a full pipe.
+    threads = [threading.Thread(target=drain, args=(proc.stdout, "out"), daemon=True),
+               threading.Thread(target=drain, args=(proc.stderr, "err"), daemon=True),
+               threading.Thread(target=watcher, daemon=True)]
+    for t in threads:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    exited.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     for t in threads:
         t.join(timeout=5)
     return {
         "returncode": proc.returncode,
         "wall_s": wall,
-        "peak_rss_mb": peak / 1024.0**2,
+        "peak_rss_mb": watch["peak"] / 1024.0**2,
         "user_s": usage.ru_utime,
         "sys_s": usage.ru_stime,
         "stdout": "".join(chunks["out"]),
         "stderr": "".join(chunks["err"]),
-        "timed_out": timed_out,
+        "timed_out": watch["timed_out"],
     }
 
 

@@ -15,7 +15,10 @@ runs alternately (hnct, dcm2niix, hnct, ...) ``--repeat`` times after one warm-u
 cache filled for both); each run writes into a folder cleared of its previous output (outside the
 timing: hnct would otherwise pay for deleting its last volume, while dcm2niix adds a suffix
 to the name and deletes nothing); the medians give the ratio hnct / dcm2niix per series (the target's),
-and the medians of CPU time (user + system) a second ratio, less inflated by a loaded machine. Wall
+and the medians of CPU time (user + system) a second ratio, less inflated by a loaded machine. A
+third command in the same alternation, ``python -c "import numpy, gdcm"``, is the floor of a
+Python convert on numpy and GDCM's scanner (interpreter start and imports only), as a ratio to
+dcm2niix too: where it is near the target, no work inside convert can meet it. Wall
 times come from benchutil.run_measured (child processes, peak RSS polled). The load average before and after
 is recorded: on a shared machine, read the ratios, not the seconds.
 
@@ -83,6 +86,9 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
         "hnct": (hnct_cmd(name, folder, out), None, f"{name}.*"),
         "dcm2niix": ([dcm2niix_exe(), "-z", "n", "-b", "n", "-o", str(out), "-f", f"{name}_dcm2niix", str(folder)],
                      None, f"{name}_dcm2niix*"),
+        # The floor of any convert written in Python on numpy with GDCM's header scanner: the
+        # interpreter's start and those two imports, nothing read or written.
+        "imports": (benchutil.python_cmd() + ["-c", "import numpy, gdcm"], None, f"{name}.__none__"),
     }
     if reference_checkout:
         # The same command on another checkout (e.g. before a change), to see the gain in this run.
@@ -116,6 +122,7 @@ def measure_pair(name: str, folder: Path, workdir: Path, repeat: int, timeout: f
         # CPU time (user + system) is what a loaded machine inflates least: a second view, not the target's.
         "median_cpu_s": {tool: round(v, 4) for tool, v in cpu.items()},
         "cpu_ratio_hnct_over_dcm2niix": round(cpu["hnct"] / cpu["dcm2niix"], 3),
+        "ratio_imports_over_dcm2niix": round(medians["imports"] / medians["dcm2niix"], 3),
         "ratio_reference_over_dcm2niix": round(medians["hnct_reference"] / medians["dcm2niix"], 3)
         if "hnct_reference" in medians else None,
         "within_target": medians["hnct"] / medians["dcm2niix"] <= TARGET_RATIO,
@@ -169,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     print(benchutil.format_table(
         [{"series": p["series"], "hnct": p["median_wall_s"]["hnct"], "dcm2niix": p["median_wall_s"]["dcm2niix"],
           "ratio": p["ratio_hnct_over_dcm2niix"], "ok": "yes" if p["within_target"] else "no",
-          "before": p["ratio_reference_over_dcm2niix"], "cpu_ratio": p["cpu_ratio_hnct_over_dcm2niix"],
+          "before": p["ratio_reference_over_dcm2niix"], "floor": p["ratio_imports_over_dcm2niix"],
+          "cpu_ratio": p["cpu_ratio_hnct_over_dcm2niix"],
           "hnct_mb": p["median_peak_rss_mb"]["hnct"], "d2n_mb": p["median_peak_rss_mb"]["dcm2niix"]}
          for p in pairs],
         [("series", "series", ""), ("hnct", "hnct s", ".3f"), ("dcm2niix", "dcm2niix s", ".3f"),
          ("ratio", "hnct/dcm2niix", ".2f"), ("ok", f"<= {TARGET_RATIO}", ""), ("cpu_ratio", "CPU ratio", ".2f"),
-         ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
+         ("floor", "imports/dcm2niix", ".2f"), ("before", "reference/dcm2niix", ".2f"), ("hnct_mb", "hnct MB", ".0f"),
          ("d2n_mb", "dcm2niix MB", ".0f")]))
     print(f"load average {info['loadavg_start']} -> {info['loadavg_end']}; written {path}")
     return 0

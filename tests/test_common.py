@@ -80,6 +80,36 @@ def test_sidecar_json_is_stable(tmp_path):
     assert "torch" in software_versions() and "pydicom" in software_versions()
 
 
+def test_software_versions_are_the_installed_distributions(tmp_path, monkeypatch):
+    """The dist-info folder names give what importlib.metadata gives, for every tracked package; a
+    package the scan cannot name (an egg-info, here a hand-made one) still comes from importlib.metadata,
+    and the first distribution on sys.path wins, as for an import."""
+    from importlib import metadata
+
+    from hnct.common import TRACKED_PACKAGES, _distribution_key
+
+    versions = software_versions()
+    for name in TRACKED_PACKAGES:
+        try:
+            expected = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            assert name not in versions
+            continue
+        assert versions[name] == expected, name
+    assert _distribution_key("scikit-learn") == _distribution_key("Scikit__Learn") == "scikit_learn"
+    assert _distribution_key("python-gdcm") == "python_gdcm" and _distribution_key("SimpleITK") == "simpleitk"
+
+    shadow = tmp_path / "shadow"
+    (shadow / "numpy-0.0.1.dist-info").mkdir(parents=True)
+    (shadow / "numpy-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 0.0.1\n")
+    (shadow / "pynrrd.egg-info").mkdir()
+    (shadow / "pynrrd.egg-info" / "PKG-INFO").write_text("Metadata-Version: 1.1\nName: pynrrd\nVersion: 9.9.9\n")
+    monkeypatch.syspath_prepend(str(shadow))
+    shadowed = software_versions()
+    assert shadowed["numpy"] == metadata.version("numpy") == "0.0.1"
+    assert shadowed["pynrrd"] == metadata.version("pynrrd")
+
+
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
                                                        (0o077, 0o600, 0o700)])
 def test_written_files_and_folders_honour_the_umask(tmp_path, umask, file_mode, dir_mode):

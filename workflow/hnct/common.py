@@ -31,7 +31,7 @@ SIDECAR_VERSION = 1
 
 # Packages whose versions are recorded in every sidecar and checkpoint.
 TRACKED_PACKAGES = (
-    "numpy", "pydicom", "SimpleITK", "pynrrd", "scikit-image", "scikit-learn",
+    "numpy", "pydicom", "python-gdcm", "SimpleITK", "pynrrd", "scikit-image", "scikit-learn",
     "pandas", "torch", "monai",
 )
 
@@ -52,16 +52,61 @@ class InputError(Exception):
 
 
 def software_versions() -> dict[str, str]:
-    # importlib.metadata (~0.05-0.1 s with its email and zipfile imports) only when a sidecar is written.
-    from importlib import metadata
+    """Python's, hnct's and each installed tracked package's version (the sidecars' and checkpoints'
+    provenance).
 
+    Versions come from the installed distributions' ``<name>-<version>.dist-info`` folder names on
+    ``sys.path`` (the wheel and PEP 376 naming that importlib.metadata reads too, first match on the
+    path wins as for an import): one directory listing per path entry, where importlib.metadata's
+    import and lookups cost 0.05-0.06 s, a sixth of a whole plain convert. A tracked package found
+    otherwise (first on the path as an ``.egg-info``, or in no folder named so) is looked up with
+    importlib.metadata.
+    """
     versions = {"python": platform.python_version(), "hnct": _hnct_version()}
+    found = _dist_info_versions()
+    unresolved = []
     for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+        version = found.get(_distribution_key(name))
+        if version is None:
+            unresolved.append(name)
+        else:
+            versions[name] = version
+    if unresolved:
+        from importlib import metadata
+
+        for name in unresolved:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
     return versions
+
+
+def _distribution_key(name: str) -> str:
+    """A distribution name as its dist-info folder spells it, lower-cased (PEP 503 normalisation with
+    ``_``, as wheels escape it: ``scikit-learn`` -> ``scikit_learn``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _dist_info_versions() -> dict[str, str | None]:
+    """{normalised distribution name: version} from the ``*.dist-info`` folders on ``sys.path``; None
+    where the first distribution of that name on the path is an ``.egg-info`` (or a dist-info folder
+    without a version in its name): importlib.metadata reads its metadata file then."""
+    found: dict[str, str | None] = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for folder in names:
+            stem, dot, kind = folder.rpartition(".")
+            if not dot or kind not in ("dist-info", "egg-info"):
+                continue
+            name, _, version = stem.partition("-")
+            found.setdefault(_distribution_key(name), version if kind == "dist-info" and version else None)
+    return found
 
 
 def _hnct_version() -> str:
