@@ -519,6 +519,12 @@ def get_fold_options(wildcards):
     return cli_options(TASK[wildcards.task].fold_options(config))
 
 
+def train_priority(wildcards):
+    """The task's registry train_priority: long-training tasks' jobs start first (their fold slice
+    lists too), short jobs fill the cores beside them."""
+    return TASK[wildcards.task].train_priority
+
+
 def train_runtime(wildcards, attempt):
     """Minutes; each retry asks for more (and resumes from the checkpoint)."""
     return config["resources"]["train_runtime_min"] * attempt

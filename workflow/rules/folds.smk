@@ -82,6 +82,7 @@ rule list_fold_slices:
         "logs/list_fold_slices/{task}.log",
     wildcard_constraints:
         task=tasks_where("slice_lists"),
+    priority: train_priority
     localrule: True
     conda:
         "../../envs/train.yaml"
