@@ -46,6 +46,7 @@ rule split_folds:
         excluded="results/folds/{task}/excluded.tsv",
     log:
         "logs/split_folds/{task}.log",
+    priority: train_priority
     localrule: True
     conda:
         "../../envs/train.yaml"
