@@ -54,10 +54,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -70,8 +69,10 @@ from pydicom.uid import (
 )
 
 from hnct import demo_oar
-from hnct.cohort import check_cohort
 from hnct.common import atomic_path, progress, setup_logging, write_json
+
+if TYPE_CHECKING:  # annotations only
+    import pandas as pd
 
 log = logging.getLogger("hnct.demo")
 
@@ -212,6 +213,10 @@ def plan_cohort(n_patients: int = 24, seed: int = 1729, t4_fraction: float = 0.3
             row["dicom_dir"] = (f"{collection}/{patient}" if n_scans == 1
                                 else f"{collection}/{patient}/{row['study_folder']}")
             rows.append(row)
+    import pandas as pd
+
+    from hnct.cohort import check_cohort
+
     return check_cohort(pd.DataFrame(rows), source=f"demo plan (seed {seed})")
 
 
@@ -805,16 +810,51 @@ def _write_localizer(row, series, anat, geo, dicom_root: Path) -> list[str]:
     return written
 
 
+def simplify_polygon(points: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker simplification of a chain of points (K x 2; a closed contour repeats its first
+    point last): the kept points, in order, such that every dropped point lies within ``tolerance`` of
+    the kept chain. The distance of a point to a segment is the perpendicular one where the point
+    projects inside the segment, else that to the nearer end (a zero-length segment, the closed
+    chain's first step: the distance to that point). First and last point are always kept."""
+    points = np.asarray(points, dtype=float)
+    if tolerance <= 0 or len(points) < 3:
+        return points
+    keep = np.zeros(len(points), dtype=bool)
+    keep[[0, -1]] = True
+    pending = [(0, len(points) - 1)]
+    while pending:
+        start, end = pending.pop()
+        if end - start < 2:
+            continue
+        a, b, inner = points[start], points[end], points[start + 1:end]
+        direction = b - a
+        from_a, from_b = inner - a, inner - b
+        inside = (from_a @ direction > 0) & (-(from_b @ direction) > 0)
+        distance = np.minimum(np.hypot(*from_a.T), np.hypot(*from_b.T))
+        length = math.hypot(*direction)
+        if length > 0:
+            cross = np.abs(direction[0] * from_a[:, 1] - direction[1] * from_a[:, 0]) / length
+            distance = np.where(inside, cross, distance)
+        far = int(np.argmax(distance))
+        if distance[far] > tolerance:
+            split = start + 1 + far
+            keep[split] = True
+            pending += [(split, end), (start, split)]
+    return points[keep]
+
+
 def _mask_contours(mask: np.ndarray, geo: dict[str, Any], z: float) -> list[np.ndarray]:
     """Closed polygons (N x 3, LPS mm) of a slice mask's boundaries at the 0.5 level."""
-    from skimage import measure
+    # find_contours alone: skimage.measure's approximate_polygon imports scipy.signal and scipy.stats,
+    # 1-2 s of each demo_case job's ~4 s on 2 busy cores (51 jobs); simplify_polygon() does its work.
+    from skimage.measure import find_contours
 
     if not mask.any():
         return []
     padded = np.pad(mask.astype(np.float32), 1)
     polygons = []
-    for contour in measure.find_contours(padded, 0.5):
-        contour = measure.approximate_polygon(contour - 1.0, tolerance=0.2)[:-1]  # drop closing point
+    for contour in find_contours(padded, 0.5):
+        contour = simplify_polygon(contour - 1.0, tolerance=0.2)[:-1]  # drop closing point
         if len(contour) < 3:
             continue
         x = geo["origin"][0] + contour[:, 1] * geo["pixel_spacing"]
@@ -963,6 +1003,8 @@ def write_cohort_tables(cohort: pd.DataFrame, dicom_root: str | Path, metadata_c
     x = column, y = row, z = slice index in position order from the most inferior slice) of the
     Larynx region. Both are written per case in cohort order (deterministic).
     """
+    import pandas as pd
+
     dicom_root = Path(dicom_root)
     metadata_rows, clinical_rows = [], []
     for _, row in cohort.iterrows():
@@ -1054,7 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "case":
         if args.plan_json:
-            row = pd.Series(json.loads(args.plan_json))
+            # the plan row as a dict: a case job reads its row by name only, and never imports pandas
+            # (hnct.cohort, the tables): about 0.3-0.5 s of each of the demo's 51 demo_case jobs
+            row = json.loads(args.plan_json)
             if row.get("case") != args.case:
                 parser.error(f"--plan-json is for case {row.get('case')!r}, not {args.case!r}")
         else:

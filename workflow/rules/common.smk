@@ -519,6 +519,20 @@ def get_fold_options(wildcards):
     return cli_options(TASK[wildcards.task].fold_options(config))
 
 
+def train_priority(wildcards):
+    """The task's registry train_priority: long-training tasks' jobs start first (their folds and
+    fold slice lists too), short jobs fill the cores beside them."""
+    return TASK[wildcards.task].train_priority
+
+
+# export_slices feeds only the tasks that train on slices: their priority, so that no short training
+# job of another task (startable once every crop is done) takes a core from the last slice exports
+# (Snakemake does not pass a job's priority on to the jobs it waits for).
+SLICES_PRIORITY = max(
+    [TASK[task].train_priority for task in TASKS if TASK[task].slice_lists], default=0
+)
+
+
 def train_runtime(wildcards, attempt):
     """Minutes; each retry asks for more (and resumes from the checkpoint)."""
     return config["resources"]["train_runtime_min"] * attempt

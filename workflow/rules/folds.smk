@@ -46,6 +46,7 @@ rule split_folds:
         excluded="results/folds/{task}/excluded.tsv",
     log:
         "logs/split_folds/{task}.log",
+    priority: train_priority
     localrule: True
     conda:
         "../../envs/train.yaml"
@@ -82,6 +83,7 @@ rule list_fold_slices:
         "logs/list_fold_slices/{task}.log",
     wildcard_constraints:
         task=tasks_where("slice_lists"),
+    priority: train_priority
     localrule: True
     conda:
         "../../envs/train.yaml"

@@ -18,6 +18,7 @@ rule export_slices:
         sidecar="results/slices/{case}.json",
     log:
         "logs/export_slices/{case}.log",
+    priority: SLICES_PRIORITY
     conda:
         "../../envs/dicom.yaml"
     threads: 1

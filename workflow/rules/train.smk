@@ -28,6 +28,7 @@ rule train_fold:
         test_predictions="results/train/{task}/{model}/fold{fold}/test_predictions.csv",
     log:
         "logs/train_fold/{task}_{model}_{fold}.log",
+    priority: train_priority
     conda:
         "../../envs/train.yaml"
     threads: config["resources"]["train_threads"]

@@ -15,6 +15,9 @@ workflow (read at parse time by workflow/rules/common.smk; nothing here imports 
     ``slice_structure``   ``(config) -> name or None``: the structure whose voxels make an exported
                           slice ``positive`` (rule export_slices), for a task that trains on slices
     ``test_ensemble``     True when its folds' test-set predictions are ensembled (rule ensemble_test)
+    ``train_priority``    Snakemake priority of its training jobs (and of its fold slice lists): a
+                          task whose folds train for minutes sets it above 0, so its jobs start first
+                          and the short ones fill the cores beside them (0: scheduler's order)
     ``label_permutation`` the trainer input (its ``prepare`` key, e.g. ``folds_tsv``) holding the
                           ``case, patient, label, fold`` table whose training-side labels a
                           permuted-label control run permutes (``train.permutation_seeds``, rule
@@ -90,6 +93,7 @@ class Task:
     evaluate_inputs: ClassVar[dict[str, str]] = {}
     evaluate_mem_mb: ClassVar[int] = 1000
     test_ensemble: ClassVar[bool] = False
+    train_priority: ClassVar[int] = 0
     label_permutation: ClassVar[str | None] = None
     stratified: ClassVar[bool] = True
     plan: ClassVar[bool] = False
