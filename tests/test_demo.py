@@ -456,3 +456,47 @@ def test_cli_writes_a_case_from_its_plan_json(cohort, tmp_path):
     assert all((tmp_path / "dicom" / f).is_file() for f in demo.case_files(row))
     with pytest.raises(SystemExit):
         demo.main(["case", "--case", "NOT-THIS", "--manifest", str(manifest), "--plan-json", plan])
+
+
+def _distance_to_chain(points: np.ndarray, chain: np.ndarray) -> np.ndarray:
+    """Each point's distance to the nearest segment of a polyline (brute force, for the test)."""
+    best = np.full(len(points), np.inf)
+    for a, b in zip(chain[:-1], chain[1:]):
+        d = b - a
+        t = np.clip(((points - a) @ d) / max(float(d @ d), 1e-12), 0.0, 1.0)
+        best = np.minimum(best, np.hypot(*(points - (a + t[:, None] * d)).T))
+    return best
+
+
+def test_simplified_contours_keep_douglas_peucker_guarantees_as_skimage_does():
+    """demo's own Douglas-Peucker (skimage's approximate_polygon costs a scipy.signal import per demo
+    job): on the closed contours of random blobs it keeps the end points and a subset of the points in
+    order, every dropped point lies within the tolerance of the kept chain, and it keeps as many points
+    as skimage's approximate_polygon, give or take one."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(40):
+        mask = np.zeros((48, 48), np.float32)
+        for _ in range(rng.integers(1, 4)):
+            centre, radii = rng.uniform(12, 36, 2), rng.uniform(3, 12, 2)
+            angle = np.linspace(0, 2 * np.pi, 9, endpoint=False)
+            wobble = rng.uniform(0.7, 1.3, angle.size)
+            rows, cols = fill_polygon(centre[0] + radii[0] * wobble * np.sin(angle),
+                                      centre[1] + radii[1] * wobble * np.cos(angle), mask.shape)
+            mask[rows, cols] = 1
+        for contour in find_contours(np.pad(mask, 1), 0.5):
+            for tolerance in (0.2, 1.0):
+                kept = demo.simplify_polygon(contour, tolerance)
+                np.testing.assert_array_equal(kept[[0, -1]], contour[[0, -1]])
+                # a subsequence of the contour (each kept point found after the previous one)
+                at = -1
+                for point in kept:
+                    later = np.flatnonzero((contour[at + 1:] == point).all(axis=1))
+                    assert later.size, (point, at)
+                    at += 1 + int(later[0])
+                assert _distance_to_chain(contour, kept).max() <= tolerance + 1e-9
+                assert abs(len(kept) - len(approximate_polygon(contour, tolerance))) <= 1
+                checked += 1
+    assert checked > 80
