@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         volumes = write_cases(workdir, args.cases, args.shape, args.structures, args.seed)
         intensity = {"clip_low": -160.0, "clip_high": 300.0, "mean": 60.0, "std": 60.0}
+        from hnct.preprocess import foreground_fractions
+
         plan = {"structures": [f"S{c}" for c in range(args.structures)], "spacing_zyx": [1.0, 1.0, 1.0],
-                "patch_size": list(args.patch)}
+                "patch_size": list(args.patch), "foreground_fraction": foreground_fractions([v.sidecar for v in volumes])}
         items, loader = time_loader(volumes, args.patch, args.patches, intensity, args.seed)
         step = time_steps(args.model, plan, items, args.batch, args.steps, args.warmup, device, args.filters)
         result: dict[str, Any] = {

@@ -263,7 +263,8 @@ def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains
     intensity = {"clip_low": -1000.0, "clip_high": 400.0, "mean": -200.0, "std": 400.0}
     patch = [16, 16, 16]
     torch.manual_seed(0)
-    cfg = {"plan": {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": patch},
+    cfg = {"plan": {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": patch,
+                    "foreground_fraction": [0.05, 0.05, 0.01]},
            "dynunet_base_filters": 4, "dynunet_max_filters": 16}
     model = build_model("oar", "dynunet", cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -287,6 +288,47 @@ def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains
     for name, grad in heads.items():
         assert torch.count_nonzero(grad[1]) == 0, name  # the unknown gland: nothing learnt from P1
         assert grad[[0, 2]].abs().sum() > 0, name
+
+
+def test_dynunet_overfits_every_structure_of_two_cases_from_the_prior_bias(tmp_path):
+    """The loss, channels and output prior together: DynUNet fits the patches of two phantoms in 40
+    AdamW steps, every structure to Dice >= 0.8 (the 7-voxel nodule included), scored per channel in
+    eval mode as validation scores it. Measured: 0.99, 0.94, 1.0 in 2 s; with the output biases at 0
+    (probability 0.5 everywhere, the networks' default) the nodule stayed at Dice 0 after 60 steps,
+    as three of the demo's organs at risk did after 300."""
+    from hnct.metrics.structures import dice
+    from hnct.models import build_model
+    from hnct.preprocess import fingerprint, foreground_fractions, preprocess_case
+    from hnct.tasks.oar import CaseVolume, PatchDataset, deep_supervision_loss
+
+    sidecars = [write_phantom(tmp_path, f"P{i}", i) for i in range(2)]
+    folds = tmp_path / "folds.tsv"
+    pd.DataFrame({"case": ["P0", "P1"], "fold": ["0", "1"]}).to_csv(folds, sep="\t", index=False)
+    fingerprint(folds, sidecars, tmp_path / "fingerprint.json")
+    volumes = []
+    for i, sidecar in enumerate(sidecars):
+        pre = tmp_path / "pre" / f"P{i}.json"
+        preprocess_case(f"P{i}", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / f"P{i}", pre, samples=500)
+        volumes.append(CaseVolume(f"P{i}", str(pre)))
+    fractions = foreground_fractions([v.sidecar for v in volumes])
+    assert 0 < fractions[2] < fractions[1] < 0.05  # the nodule's share is a tenth of the gland's
+    patch = [16, 16, 16]
+    torch.manual_seed(0)
+    cfg = {"plan": {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": patch,
+                    "foreground_fraction": fractions}, "dynunet_base_filters": 4, "dynunet_max_filters": 16}
+    model = build_model("oar", "dynunet", cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    intensity = {"clip_low": -1000.0, "clip_high": 400.0, "mean": -200.0, "std": 400.0}
+    items = [PatchDataset(volumes, 6, patch, intensity, seed=0, epoch=1)[i] for i in range(6)]
+    batch = {k: torch.stack([item[k] for item in items]) for k in ("image", "target", "annotated")}
+    for _ in range(40):
+        optimizer.zero_grad()
+        deep_supervision_loss(model(batch["image"]), batch["target"], batch["annotated"]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = torch.sigmoid(model.eval()(batch["image"])) >= 0.5
+    scores = [dice(predicted[:, c].numpy(), batch["target"][:, c].numpy() > 0) for c in range(len(STRUCTURES))]
+    assert min(scores) >= 0.8, dict(zip(STRUCTURES, scores))
 
 
 # ---------------------------------------------------------------- geometry on a real CT
@@ -338,10 +380,18 @@ def test_dynunet_layout_follows_nnunet_and_both_networks_run():
     assert np.prod(strides, axis=0).tolist() == [8, 32, 32]  # 4 voxels left on every axis
     with pytest.raises(ValueError, match="divisible"):
         dynunet_layout([1.0, 1.0, 1.0], [20, 36, 36])  # 36 -> 18 -> 9 -> 4.5
-    plan = {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": [16, 16, 16]}
+    plan = {"structures": STRUCTURES, "spacing_zyx": [1.5, 1.0, 1.0], "patch_size": [16, 16, 16],
+            "foreground_fraction": [0.02, 0.0, 0.9]}
     cfg = {"plan": plan, "dynunet_base_filters": 4, "dynunet_max_filters": 16, "segresnet_init_filters": 8}
     x = torch.zeros(1, 1, 16, 16, 16)
     dynunet = build_model("oar", "dynunet", cfg).train()
+    # every output layer (final and deep-supervision heads) starts at the structures' prior logit
+    prior = torch.tensor([math.log(0.02 / 0.98), math.log(1e-4 / (1 - 1e-4)), 0.0])
+    biases = {n: p for n, p in dynunet.named_parameters()
+              if n.startswith(("output_block", "deep_supervision")) and n.endswith("bias")}
+    assert len(biases) == 1 + len(dynunet.deep_supervision_heads) >= 2
+    assert all(torch.allclose(b, prior) for b in biases.values()), biases
+    assert torch.allclose(build_model("oar", "segresnet", cfg).conv_final[-1].conv.bias, prior)
     assert dynunet(x).shape[-4:] == (3, 16, 16, 16) and dynunet(x).dim() == 6  # deep supervision heads
     assert dynunet.eval()(x).shape == (1, 3, 16, 16, 16)
     assert build_model("oar", "segresnet", cfg)(x).shape == (1, 3, 16, 16, 16)

@@ -18,8 +18,10 @@ For the tasks whose registry entry has ``plan`` (hnct.tasks), three steps, each 
 ``plan``         ``results/preprocess/{task}/fold{k}/plan.json``: the fold's cases (train, val, test,
                  each with its preprocessed sidecar), the intensity normalisation fitted on the
                  *training* cases of that fold only (clip to the 0.5 and 99.5 percentiles of their
-                 foreground HU, then z-score with the clipped values' mean and SD), the target spacing
-                 and the patch size. The networks are sized from it (hnct.models.oar_nets).
+                 foreground HU, then z-score with the clipped values' mean and SD), each structure's
+                 ``foreground_fraction`` (its share of the training cases' voxels where annotated),
+                 the target spacing and the patch size. The networks are sized from it and start
+                 their output biases from the fractions (hnct.models.oar_nets).
 
 Reads ``results/volumes/{case}.json`` (``volume``, ``structures_file``: uint8 (C, z, y, x) NRRD on
 the CT's grid, ``structures``: name, channel, annotated per structure). Bad input (no structures
@@ -310,6 +312,7 @@ def plan_fold(folds_tsv: str | Path, fold: int, fingerprint_json: str | Path,
     clipped = np.clip(foreground, low, high)
     target = read_json(fingerprint_json)["target_spacing_mm"]
     plan = {"fold": int(fold), "structures": first, "target_spacing_mm": target,
+            "foreground_fraction": foreground_fractions([sidecars[c][1] for c in cases["train"]]),
             "spacing_zyx": list(reversed(target)), "patch_size": [int(p) for p in patch_size],
             "intensity": {"clip_low": float(low), "clip_high": float(high), "mean": float(clipped.mean()),
                           "std": float(max(clipped.std(), 1e-6)), "percentiles": list(percentiles),
@@ -324,6 +327,21 @@ def plan_fold(folds_tsv: str | Path, fold: int, fingerprint_json: str | Path,
              len(cases["train"]), len(cases["val"]), len(cases["test"]), low, high, plan["intensity"]["mean"],
              plan["intensity"]["std"])
     return plan
+
+
+def foreground_fractions(sidecars: Sequence[dict[str, Any]]) -> list[float]:
+    """Per structure, the share of the preprocessed voxels it covers over the cases where it is
+    annotated (what the networks' output biases start from, hnct.models.oar_nets); a structure
+    annotated nowhere (or never present) gets 0."""
+    names = [s["name"] for s in sidecars[0]["structures"]]
+    inside, total = np.zeros(len(names)), np.zeros(len(names))
+    for sidecar in sidecars:
+        voxels = float(np.prod(sidecar["shape_zyx"]))
+        for c, entry in enumerate(sidecar["structures"]):
+            if entry["annotated"]:
+                inside[c] += float(entry["voxels"])
+                total[c] += voxels
+    return [float(i / t) if t else 0.0 for i, t in zip(inside, total)]
 
 
 # ---------------------------------------------------------------- command line

@@ -3,7 +3,9 @@
 Input (B, 1, z, y, x) patches of the plan's ``patch_size``; logits (B, C, z, y, x), one sigmoid
 channel per structure (structures overlap: no softmax). The trainer's ``cfg["plan"]`` (set by the
 task's ``prepare`` from ``results/preprocess/{task}/fold{k}/plan.json``) gives the structures, the
-spacing (z, y, x, mm) and the patch size.
+spacing (z, y, x, mm), the patch size and each structure's foreground fraction: both networks
+start their output biases (the final layer and every deep-supervision head) at the fraction's logit
+(hnct.tasks.oar.init_output_bias), not at 0, which starts every voxel at probability 0.5.
 
 ``dynunet``: MONAI ``DynUNet`` as nnU-Net's 3d_fullres: kernels and strides from the spacing and the
 patch size by nnU-Net's heuristic (:func:`dynunet_layout`), instance norm, leaky ReLU, filters
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hnct.models import register_model
-from hnct.tasks.oar import Oar
+from hnct.tasks.oar import Oar, init_output_bias
 
 MIN_FEATURE_MAP = 4  # nnU-Net stops pooling an axis whose feature map would fall below 4 voxels
 MAX_POOLINGS = 5
@@ -71,11 +73,14 @@ def build_dynunet(cfg: dict[str, Any]):
     kernels, strides = dynunet_layout(plan["spacing_zyx"], plan["patch_size"])
     filters = [min(int(cfg["dynunet_base_filters"]) * 2 ** level, int(cfg["dynunet_max_filters"]))
                for level in range(len(strides))]
-    return DynUNet(spatial_dims=3, in_channels=1, out_channels=len(plan["structures"]), kernel_size=kernels,
-                   strides=strides, upsample_kernel_size=strides[1:], filters=filters,
-                   norm_name=("INSTANCE", {"affine": True}),
-                   act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-                   deep_supervision=True, deep_supr_num=max(len(strides) - 3, 1), res_block=False)
+    net = DynUNet(spatial_dims=3, in_channels=1, out_channels=len(plan["structures"]), kernel_size=kernels,
+                  strides=strides, upsample_kernel_size=strides[1:], filters=filters,
+                  norm_name=("INSTANCE", {"affine": True}),
+                  act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+                  deep_supervision=True, deep_supr_num=max(len(strides) - 3, 1), res_block=False)
+    init_output_bias([net.output_block.conv.conv, *(head.conv.conv for head in net.deep_supervision_heads)],
+                     plan["foreground_fraction"])
+    return net
 
 
 @register_model("segresnet", tasks=[Oar.name], config_keys=["segresnet_init_filters"])
@@ -86,6 +91,8 @@ def build_segresnet(cfg: dict[str, Any]):
     bad = [p for p in plan["patch_size"] if p % 8]
     if bad:
         raise ValueError(f"segresnet: patch size {plan['patch_size']} must be divisible by 8 (three downsamplings)")
-    return SegResNet(spatial_dims=3, init_filters=int(cfg["segresnet_init_filters"]), in_channels=1,
-                     out_channels=len(plan["structures"]), blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
-                     dropout_prob=None, norm=("GROUP", {"num_groups": 8}), use_conv_final=True)
+    net = SegResNet(spatial_dims=3, init_filters=int(cfg["segresnet_init_filters"]), in_channels=1,
+                    out_channels=len(plan["structures"]), blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1),
+                    dropout_prob=None, norm=("GROUP", {"num_groups": 8}), use_conv_final=True)
+    init_output_bias([net.conv_final[-1].conv], plan["foreground_fraction"])
+    return net

@@ -110,7 +110,8 @@ class Oar(Task):
 
         plan = read_json(inputs["plan_json"])
         cfg["plan"] = {"structures": plan["structures"], "spacing_zyx": plan["spacing_zyx"],
-                       "patch_size": plan["patch_size"], "intensity": plan["intensity"]}
+                       "patch_size": plan["patch_size"], "intensity": plan["intensity"],
+                       "foreground_fraction": plan["foreground_fraction"]}
         run = OarRun(cfg, plan, fold)
         log.info("%d train, %d inner validation, %d outer validation, %d test cases; %d structures; patch %s",
                  len(run.volumes["train"]), len(run.volumes["inner"]), len(run.volumes["val"]),
@@ -172,6 +173,37 @@ class PolyLR:
 
     def load_state_dict(self, state) -> None:
         self.inner.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- output prior
+PRIOR_RANGE = (1e-4, 0.5)  # a structure absent from every training case still starts at 1e-4
+
+
+def prior_logits(fractions: Sequence[float]) -> list[float]:
+    """Per structure ``log(f / (1 - f))`` of its foreground fraction (the plan's
+    ``foreground_fraction``, clipped to :data:`PRIOR_RANGE`): the logit at which the sigmoid
+    predicts the structure's share of the voxels everywhere."""
+    low, high = PRIOR_RANGE
+    return [math.log(f / (1 - f)) for f in (min(max(float(x), low), high) for x in fractions)]
+
+
+def init_output_bias(convs, fractions: Sequence[float]) -> None:
+    """Set the bias of each output convolution in ``convs`` (C output channels: the final layer and
+    every deep-supervision head) to :func:`prior_logits` (the focal-loss paper's prior init).
+
+    With the default zero bias every voxel of every channel starts at probability 0.5, and the first
+    AdamW steps of BCE over those voxels drive every channel to background, from where the demo's
+    fold 0 learnt its structures one by one: after 300 steps at lr 1e-2 SpinalCord, Thyroid_L and
+    A_Vertebral_R were still at Dice 0 (4 validation cases, preprocessed grid); from the prior,
+    after 200 steps, they were at 0.84-0.87."""
+    import torch
+
+    bias = torch.tensor(prior_logits(fractions))
+    with torch.no_grad():
+        for conv in convs:
+            if conv.bias is None or conv.bias.shape != bias.shape:
+                raise ValueError(f"output convolution {conv}: expected a bias of {len(bias)} channels")
+            conv.bias.copy_(bias.to(conv.bias.dtype))
 
 
 # ---------------------------------------------------------------- loss
