@@ -242,15 +242,13 @@ def test_overlay_groups_put_left_and_right_of_a_pair_on_one_panel():
     assert structure_groups(names) == {"Larynx": [0], "Thyroid": [1, 2], "Cochlea_L": [3], "A_Carotid": [4, 5]}
 
 
-def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains_nothing(tmp_path):
-    """Two tiny preprocessed cases, P1 with the gland withheld: the masked loss of DynUNet (deep
-    supervision) falls over a few AdamW steps on their patches, and a batch of P1 alone sends no
-    gradient to the gland's output weights (every head), while the annotated channels get one."""
-    from hnct.models import build_model
+def preprocessed_phantoms(tmp_path, withhold_gland_from_p1: bool = False) -> list:
+    """Two phantoms P0, P1 (P1 without its Gland if asked), fingerprinted and preprocessed (each ok)."""
     from hnct.preprocess import fingerprint, preprocess_case
-    from hnct.tasks.oar import CaseVolume, PatchDataset, deep_supervision_loss
+    from hnct.tasks.oar import CaseVolume
 
-    sidecars = [write_phantom(tmp_path, f"P{i}", i, withhold="Gland" if i == 1 else None) for i in range(2)]
+    sidecars = [write_phantom(tmp_path, f"P{i}", i, withhold="Gland" if withhold_gland_from_p1 and i == 1 else None)
+                for i in range(2)]
     folds = tmp_path / "folds.tsv"
     pd.DataFrame({"case": ["P0", "P1"], "fold": ["0", "1"]}).to_csv(folds, sep="\t", index=False)
     fingerprint(folds, sidecars, tmp_path / "fingerprint.json")
@@ -260,6 +258,17 @@ def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains
         assert preprocess_case(f"P{i}", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / f"P{i}", pre,
                                samples=500)["status"] == "ok"
         volumes.append(CaseVolume(f"P{i}", str(pre)))
+    return volumes
+
+
+def test_dynunet_learns_a_few_steps_on_two_cases_and_an_unknown_structure_trains_nothing(tmp_path):
+    """Two tiny preprocessed cases, P1 with the gland withheld: the masked loss of DynUNet (deep
+    supervision) falls over a few AdamW steps on their patches, and a batch of P1 alone sends no
+    gradient to the gland's output weights (every head), while the annotated channels get one."""
+    from hnct.models import build_model
+    from hnct.tasks.oar import PatchDataset, deep_supervision_loss
+
+    volumes = preprocessed_phantoms(tmp_path, withhold_gland_from_p1=True)
     intensity = {"clip_low": -1000.0, "clip_high": 400.0, "mean": -200.0, "std": 400.0}
     patch = [16, 16, 16]
     torch.manual_seed(0)
@@ -298,18 +307,10 @@ def test_dynunet_overfits_every_structure_of_two_cases_from_the_prior_bias(tmp_p
     as three of the demo's organs at risk did after 300."""
     from hnct.metrics.structures import dice
     from hnct.models import build_model
-    from hnct.preprocess import fingerprint, foreground_fractions, preprocess_case
-    from hnct.tasks.oar import CaseVolume, PatchDataset, deep_supervision_loss
+    from hnct.preprocess import foreground_fractions
+    from hnct.tasks.oar import PatchDataset, deep_supervision_loss
 
-    sidecars = [write_phantom(tmp_path, f"P{i}", i) for i in range(2)]
-    folds = tmp_path / "folds.tsv"
-    pd.DataFrame({"case": ["P0", "P1"], "fold": ["0", "1"]}).to_csv(folds, sep="\t", index=False)
-    fingerprint(folds, sidecars, tmp_path / "fingerprint.json")
-    volumes = []
-    for i, sidecar in enumerate(sidecars):
-        pre = tmp_path / "pre" / f"P{i}.json"
-        preprocess_case(f"P{i}", sidecar, tmp_path / "fingerprint.json", tmp_path / "pre" / f"P{i}", pre, samples=500)
-        volumes.append(CaseVolume(f"P{i}", str(pre)))
+    volumes = preprocessed_phantoms(tmp_path)
     fractions = foreground_fractions([v.sidecar for v in volumes])
     assert 0 < fractions[2] < fractions[1] < 0.05  # the nodule's share is a tenth of the gland's
     patch = [16, 16, 16]
